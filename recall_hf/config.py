@@ -1,0 +1,102 @@
+"""RecallConfig: every RECALL knob in one place (SPEC 2)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+MODES = ("continual", "multi")
+
+
+@dataclass
+class RecallConfig:
+    """Configuration of a RECALL merge ([arXiv 2510.20479](https://arxiv.org/abs/2510.20479)).
+
+    Args:
+        k (`int`, *optional*, defaults to `32`):
+            Number of typical samples (KMeans clusters) picked from a task's texts.
+        max_candidates (`int`, *optional*, defaults to `2000`):
+            Texts embedded for clustering at most; larger sets are subsampled with `seed`.
+        minibatch_threshold (`int`, *optional*, defaults to `5000`):
+            Use `MiniBatchKMeans` instead of `KMeans` from this many candidates on.
+        seed (`int`, *optional*, defaults to `0`):
+            Seed for candidate subsampling and clustering.
+        similarity (`str`, *optional*, defaults to `"rbf"`):
+            Per-layer similarity kernel: `rbf`, `linear_cka`, `rbf_cka` or `cosine`.
+        tau (`float`, *optional*, defaults to `0.5`):
+            Softmax temperature turning per-layer scores into merge weights.
+        mode (`str`, *optional*, defaults to `"continual"`):
+            `continual`: the target is the newest (last) model; `multi`: uniform target over all models.
+        task_count_prior (`bool`, *optional*, defaults to `True`):
+            Add `log m_k` (tasks model k carries) to the softmax logits so old tasks keep their share.
+        normalize_depth (`bool`, *optional*, defaults to `False`):
+            Rescale each layer's divergence by its spread across layers before the softmax.
+        batch_size (`int`, *optional*, defaults to `8`):
+            Batch size of the forward passes.
+        max_length (`int`, *optional*, defaults to `256`):
+            Token limit per probe text.
+        dtype (`str`, *optional*, defaults to `None`):
+            Output dtype (`float32`, `bfloat16`, `float16`); `None` keeps each tensor's stored dtype.
+        max_shard_size (`int`, *optional*, defaults to `5_000_000_000`):
+            Largest output safetensors shard in bytes.
+        max_rank (`int`, *optional*, defaults to `None`):
+            LoRA merges only: compress the stacked factors to this rank by truncated SVD.
+        device (`str`, *optional*, defaults to `"cpu"`):
+            Device for the forward passes (fusion always streams on the CPU).
+        device_map (`str`, *optional*, defaults to `None`):
+            accelerate `device_map` (e.g. `"auto"`) for models larger than one device.
+    """
+
+    k: int = field(default=32, metadata={"help": "Number of typical samples (KMeans clusters) per task."})
+    max_candidates: int = field(default=2000, metadata={"help": "Most texts embedded for clustering (seeded subsample)."})
+    minibatch_threshold: int = field(default=5000, metadata={"help": "Use MiniBatchKMeans from this many candidates on."})
+    seed: int = field(default=0, metadata={"help": "Seed for subsampling and clustering."})
+    similarity: str = field(default="rbf", metadata={"help": "Per-layer similarity: rbf, linear_cka, rbf_cka, cosine."})
+    tau: float = field(default=0.5, metadata={"help": "Softmax temperature of the per-layer merge weights."})
+    mode: str = field(default="continual", metadata={"help": "continual (target = newest model) or multi (uniform)."})
+    task_count_prior: bool = field(default=True, metadata={"help": "Add log(task count) of each model to the logits."})
+    normalize_depth: bool = field(default=False, metadata={"help": "Rescale layer divergences by their spread."})
+    batch_size: int = field(default=8, metadata={"help": "Batch size of the forward passes."})
+    max_length: int = field(default=256, metadata={"help": "Token limit per probe text."})
+    dtype: str | None = field(default=None, metadata={"help": "Output dtype; None keeps the stored dtype."})
+    max_shard_size: int = field(default=5_000_000_000, metadata={"help": "Largest output shard in bytes."})
+    max_rank: int | None = field(default=None, metadata={"help": "LoRA only: compress merged factors to this rank."})
+    device: str = field(default="cpu", metadata={"help": "Device for the forward passes."})
+    device_map: str | None = field(default=None, metadata={"help": "accelerate device_map for very large models."})
+
+    def __post_init__(self) -> None:
+        from .similarity import SIMILARITIES
+
+        if self.k < 1:
+            raise ValueError(f"RecallConfig.k must be >= 1, got {self.k}.")
+        if self.max_candidates < self.k:
+            raise ValueError(f"RecallConfig.max_candidates ({self.max_candidates}) must be >= k ({self.k}).")
+        if not self.tau > 0:
+            raise ValueError(f"RecallConfig.tau must be > 0, got {self.tau}.")
+        if self.mode not in MODES:
+            raise ValueError(f"RecallConfig.mode must be one of {', '.join(MODES)}; got {self.mode!r}.")
+        if self.similarity not in SIMILARITIES:
+            raise ValueError(
+                f"Unknown similarity {self.similarity!r}; choose one of: {', '.join(sorted(SIMILARITIES))}."
+            )
+        if self.dtype not in (None, "float32", "bfloat16", "float16"):
+            raise ValueError(f"RecallConfig.dtype must be float32, bfloat16, float16 or None; got {self.dtype!r}.")
+        if self.max_rank is not None and self.max_rank < 1:
+            raise ValueError(f"RecallConfig.max_rank must be >= 1 or None, got {self.max_rank}.")
+        if self.batch_size < 1 or self.max_length < 1:
+            raise ValueError("RecallConfig.batch_size and max_length must be >= 1.")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RecallConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"Unknown RecallConfig fields {unknown}; valid fields: {', '.join(sorted(known))}.")
+        return cls(**data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)

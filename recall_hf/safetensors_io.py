@@ -1,0 +1,223 @@
+"""Streaming safetensors I/O: lazy reads of (sharded) checkpoints, shard-by-shard writes with the index last.
+
+Reading parses each file's header (cheap) and checks its size against the header, so a truncated file is refused
+before any work. Writing knows every tensor's name, dtype and shape up front (they come from the inputs' headers),
+so it writes each shard's header first and then streams tensor bytes one tensor at a time: peak memory is one
+tensor, never one shard.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+WEIGHTS_NAME = "model.safetensors"
+INDEX_SUFFIX = ".safetensors.index.json"
+
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    file: Path
+
+    @property
+    def nbytes(self) -> int:
+        n = torch.empty((), dtype=DTYPES[self.dtype]).element_size() if self.dtype in DTYPES else 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def is_float(self) -> bool:
+        return self.dtype in ("F64", "F32", "F16", "BF16")
+
+
+def read_header(path: Path) -> dict[str, dict]:
+    """Parse a safetensors header and check the file holds every byte it announces."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise ValueError(f"{path} is not a safetensors file (only {size} bytes); re-copy it.")
+        (n,) = struct.unpack("<Q", raw)
+        if n > size - 8 or n > 100_000_000:
+            raise ValueError(f"{path} has a corrupt or truncated safetensors header; re-copy the file.")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"{path} has an unreadable safetensors header ({err}); re-copy the file.") from None
+    header.pop("__metadata__", None)
+    end = max((int(v["data_offsets"][1]) for v in header.values()), default=0)
+    if 8 + n + end != size:
+        raise ValueError(f"{path} is truncated or padded: header announces {8 + n + end} bytes, file has {size}.")
+    return header
+
+
+def weight_files(model_dir: Path, stem: str = "model") -> list[Path]:
+    """The safetensors files of a model dir, following `<stem>.safetensors.index.json` when present."""
+    index = model_dir / f"{stem}{INDEX_SUFFIX}"
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise ValueError(f"{index} is not a valid safetensors index ({err}).") from None
+        files = sorted({model_dir / f for f in weight_map.values()})
+        missing = [f.name for f in files if not f.exists()]
+        if missing:
+            raise ValueError(f"{index} names missing shard(s) {missing}; the checkpoint is incomplete.")
+        return files
+    single = model_dir / f"{stem}.safetensors"
+    if single.exists():
+        return [single]
+    raise ValueError(f"No {stem}.safetensors or {stem}{INDEX_SUFFIX} in {model_dir}; save with safe_serialization.")
+
+
+class CheckpointReader:
+    """Lazy, validated view of one model's tensors; each tensor is read only when asked for."""
+
+    def __init__(self, model_dir: str | Path, stem: str = "model"):
+        self.dir = Path(model_dir)
+        self.files = weight_files(self.dir, stem)
+        self.tensors: dict[str, TensorInfo] = {}
+        for file in self.files:
+            for name, meta in read_header(file).items():
+                if name in self.tensors:
+                    raise ValueError(f"Tensor {name!r} appears in two shards of {self.dir}.")
+                self.tensors[name] = TensorInfo(name, meta["dtype"], tuple(meta["shape"]), file)
+        index = self.dir / f"{stem}{INDEX_SUFFIX}"
+        if index.exists():
+            indexed = set(json.loads(index.read_text())["weight_map"])
+            if indexed != set(self.tensors):
+                raise ValueError(f"{index} does not match its shards' tensors; the checkpoint is inconsistent.")
+        self._handles: dict[Path, object] = {}
+
+    def get(self, name: str) -> torch.Tensor:
+        info = self.tensors[name]
+        handle = self._handles.get(info.file)
+        if handle is None:
+            handle = self._handles[info.file] = safe_open(str(info.file), framework="pt")
+        return handle.get_tensor(name)
+
+    def close(self) -> None:
+        self._handles.clear()
+
+
+def plan_shards(infos: list[TensorInfo], max_shard_size: int) -> list[list[TensorInfo]]:
+    """Split tensors (in order) into shards of at most `max_shard_size` bytes (a bigger tensor gets its own)."""
+    shards: list[list[TensorInfo]] = [[]]
+    size = 0
+    for info in infos:
+        if shards[-1] and size + info.nbytes > max_shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append(info)
+        size += info.nbytes
+    return shards
+
+
+def _encode_header(shard: list[TensorInfo], dtypes: dict[str, str]) -> bytes:
+    header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for info in shard:
+        nbytes = TensorInfo(info.name, dtypes[info.name], info.shape, info.file).nbytes
+        header[info.name] = {"dtype": dtypes[info.name], "shape": list(info.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-(len(raw) + 8) % 8)
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class StreamingWriter:
+    """Writes tensors in a fixed order into sharded safetensors, one tensor in memory at a time.
+
+    Args:
+        out_dir: existing directory (a staging dir; the caller renames it into place).
+        infos: every output tensor in write order (names and shapes).
+        dtypes: safetensors dtype name per tensor (the output dtype).
+        max_shard_size: bytes per shard at most.
+        stem: file stem (`model` or `adapter_model`).
+    """
+
+    def __init__(self, out_dir: Path, infos: list[TensorInfo], dtypes: dict[str, str], max_shard_size: int,
+                 stem: str = "model"):
+        self.out_dir, self.stem, self.dtypes = Path(out_dir), stem, dtypes
+        self.shards = plan_shards(infos, max_shard_size)
+        n = len(self.shards)
+        self.names = [f"{stem}.safetensors"] if n == 1 else [f"{stem}-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        self.order: Iterator[tuple[int, TensorInfo]] = ((i, t) for i, s in enumerate(self.shards) for t in s)
+        self._file = None
+        self._shard = -1
+        self.bytes_written = 0
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        shard, info = next(self.order)
+        if info.name != name:
+            raise RuntimeError(f"StreamingWriter expected tensor {info.name!r} next, got {name!r}.")
+        if tuple(tensor.shape) != info.shape or DTYPE_NAMES.get(tensor.dtype) != self.dtypes[name]:
+            raise RuntimeError(f"Tensor {name!r} is {tensor.dtype}{tuple(tensor.shape)}, planned "
+                               f"{self.dtypes[name]}{info.shape}.")
+        if shard != self._shard:
+            self._close_file()
+            self._shard = shard
+            self._file = open(self.out_dir / self.names[shard], "wb")
+            self._file.write(_encode_header(self.shards[shard], self.dtypes))
+        data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+        self._file.write(memoryview(data))
+        self.bytes_written += data.nbytes
+
+    def _close_file(self) -> None:
+        if self._file is not None:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            self._file = None
+
+    def finish(self) -> list[Path]:
+        """Close the last shard, check nothing is missing, write the index (last) when sharded."""
+        left = next(self.order, None)
+        if left is not None:
+            raise RuntimeError(f"StreamingWriter finished before tensor {left[1].name!r} was written.")
+        self._close_file()
+        if len(self.shards) > 1:
+            weight_map = {t.name: self.names[i] for i, s in enumerate(self.shards) for t in s}
+            index = {"metadata": {"total_size": self.bytes_written}, "weight_map": weight_map}
+            path = self.out_dir / f"{self.stem}{INDEX_SUFFIX}"
+            path.write_text(json.dumps(index, indent=2))
+            fsync_file(path)
+        return [self.out_dir / n for n in self.names]
+
+    def abort(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
