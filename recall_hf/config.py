@@ -49,10 +49,16 @@ class RecallConfig:
     """
 
     k: int = field(default=32, metadata={"help": "Number of typical samples (KMeans clusters) per task."})
-    max_candidates: int = field(default=2000, metadata={"help": "Most texts embedded for clustering (seeded subsample)."})
-    minibatch_threshold: int = field(default=5000, metadata={"help": "Use MiniBatchKMeans from this many candidates on."})
+    max_candidates: int = field(
+        default=2000, metadata={"help": "Most texts embedded for clustering (seeded subsample)."}
+    )
+    minibatch_threshold: int = field(
+        default=5000, metadata={"help": "Use MiniBatchKMeans from this many candidates on."}
+    )
     seed: int = field(default=0, metadata={"help": "Seed for subsampling and clustering."})
-    similarity: str = field(default="rbf", metadata={"help": "Per-layer similarity: rbf, linear_cka, rbf_cka, cosine."})
+    similarity: str = field(
+        default="rbf", metadata={"help": "Per-layer similarity: rbf, linear_cka, rbf_cka, cosine."}
+    )
     tau: float = field(default=0.5, metadata={"help": "Softmax temperature of the per-layer merge weights."})
     mode: str = field(default="continual", metadata={"help": "continual (target = newest model) or multi (uniform)."})
     task_count_prior: bool = field(default=True, metadata={"help": "Add log(task count) of each model to the logits."})

@@ -1,4 +1,4 @@
-"""Layer-wise parameter fusion (SPEC 2.5): `theta[p] = sum_k w[k, layer(p)] * theta_k[p]`, streamed tensor by tensor."""
+"""Layer-wise parameter fusion (SPEC 2.5): `theta[p] = sum_k w[k, layer(p)] * theta_k[p]`, streamed per tensor."""
 
 from __future__ import annotations
 
@@ -45,12 +45,16 @@ def check_compatible(readers: list[CheckpointReader]) -> None:
         missing, extra = set(ref.tensors) - set(r.tensors), set(r.tensors) - set(ref.tensors)
         if missing or extra:
             example = sorted(missing or extra)[0]
-            raise ValueError(f"{r.dir} and {ref.dir} hold different tensors (e.g. {example!r}); "
-                             "merge only models of one architecture.")
+            raise ValueError(
+                f"{r.dir} and {ref.dir} hold different tensors (e.g. {example!r}); "
+                "merge only models of one architecture."
+            )
         for name, info in ref.tensors.items():
             if r.tensors[name].shape != info.shape:
-                raise ValueError(f"Tensor {name!r} is {r.tensors[name].shape} in {r.dir} but {info.shape} in "
-                                 f"{ref.dir}; the architectures differ.")
+                raise ValueError(
+                    f"Tensor {name!r} is {r.tensors[name].shape} in {r.dir} but {info.shape} in "
+                    f"{ref.dir}; the architectures differ."
+                )
 
 
 def output_dtypes(reader: CheckpointReader, dtype: str | None) -> dict[str, str]:

@@ -30,8 +30,8 @@ def find_blocks(model: nn.Module, n_layers: int) -> str:
     outer = [n for n in found if not any(n.startswith(o + ".") for o in found if o != n)]
     if len(outer) != 1:
         raise ValueError(
-            f"Expected exactly one ModuleList of {n_layers} blocks in {type(model).__name__}, found {outer or 'none'}; "
-            "RECALL supports single-stack models (decoders or encoders)."
+            f"Expected exactly one ModuleList of {n_layers} blocks in {type(model).__name__}, "
+            f"found {outer or 'none'}; RECALL supports single-stack models (decoders or encoders)."
         )
     return outer[0]
 
@@ -72,7 +72,7 @@ class LayerMap:
         return cls.from_config(transformers.AutoConfig.from_pretrained(model_dir))
 
     def layer_of(self, name: str) -> int:
-        """Layer index of a parameter/module name; names may carry a wrapper prefix (e.g. PEFT's `base_model.model.`)."""
+        """Layer index of a parameter or module name, which may carry a wrapper prefix (PEFT's `base_model.model.`)."""
         marker = self.blocks + "."
         pos = name.find(marker) if not name.startswith(marker) else 0
         if pos == 0 or (pos > 0 and name[pos - 1] == "."):

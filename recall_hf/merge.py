@@ -16,8 +16,8 @@ from .checkpoint import (
     PLOT_NAME,
     RECALL_JSON,
     REPORT_NAME,
-    copy_aux_files,
     check_output_dir,
+    copy_aux_files,
     is_adapter_dir,
     staged_dir,
     task_count,
@@ -78,7 +78,9 @@ def check_same_architecture(configs: list[transformers.PretrainedConfig], dirs: 
         for key in ("model_type", "hidden_size", "vocab_size"):
             a, b = getattr(cfg, key, None), getattr(ref, key, None)
             if a != b:
-                raise ValueError(f"{d} has {key}={a!r} but {ref_dir} has {b!r}; merge only models of one architecture.")
+                raise ValueError(
+                    f"{d} has {key}={a!r} but {ref_dir} has {b!r}; merge only models of one architecture."
+                )
         if num_hidden_layers(cfg) != num_hidden_layers(ref):
             raise ValueError(f"{d} has {num_hidden_layers(cfg)} layers but {ref_dir} has {num_hidden_layers(ref)}.")
 
@@ -88,8 +90,10 @@ def resolve_probes(probes: str | Path | list[str] | None, newest: Path) -> list[
     if probes is None:
         path = newest / SAMPLES_NAME
         if not path.exists():
-            raise ValueError(f"No probes given and {path} does not exist; pass --probes FILE.jsonl "
-                             "(one {\"text\": ...} per line) or run `recall-hf select-samples` first.")
+            raise ValueError(
+                f"No probes given and {path} does not exist; pass --probes FILE.jsonl "
+                '(one {"text": ...} per line) or run `recall-hf select-samples` first.'
+            )
         return read_texts(path)
     if isinstance(probes, (str, Path)):
         return read_texts(probes)
@@ -202,11 +206,15 @@ def recall_merge(
 
     t = time.perf_counter()
     reps = [
-        model_representations(d, texts, tokenizer, config.batch_size, config.max_length, config.device,
-                              config.device_map, progress)
+        model_representations(
+            d, texts, tokenizer, config.batch_size, config.max_length, config.device, config.device_map, progress
+        )
         for d in dirs
     ]
     timings["representations"] = time.perf_counter() - t
+    for d, r in zip(dirs, reps):
+        if not torch.isfinite(r).all():
+            raise ValueError(f"{d} produces NaN/Inf hidden states on the probes; its weights are corrupt.")
     sims, weights = compute_weights(reps, config, counts)
     if weights.shape[0] != layer_map.num_layers + 1:
         raise RuntimeError(f"Got {weights.shape[0]} hidden-state layers, expected {layer_map.num_layers + 1}.")
@@ -216,15 +224,23 @@ def recall_merge(
     timings["hash_inputs"] = time.perf_counter() - t
 
     report = MergeReport(
-        out_dir=str(out_dir), kind="full", models=[str(d) for d in dirs], task_counts=counts,
-        output_task_count=sum(counts), config=config.to_dict(), probes=texts,
-        similarities=sims.tolist(), weights=weights.tolist(), input_hashes=hashes,
+        out_dir=str(out_dir),
+        kind="full",
+        models=[str(d) for d in dirs],
+        task_counts=counts,
+        output_task_count=sum(counts),
+        config=config.to_dict(),
+        probes=texts,
+        similarities=sims.tolist(),
+        weights=weights.tolist(),
+        input_hashes=hashes,
         created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     )
     with staged_dir(out_dir) as stage:
         t = time.perf_counter()
-        report.stats = fuse_checkpoints(readers, layer_map, weights.float(), stage, config.dtype,
-                                        config.max_shard_size, progress)
+        report.stats = fuse_checkpoints(
+            readers, layer_map, weights.float(), stage, config.dtype, config.max_shard_size, progress
+        )
         timings["fusion"] = time.perf_counter() - t
         copy_aux_files(dirs[-1], stage)
         if config.dtype:
@@ -244,11 +260,14 @@ def write_outputs(stage: Path, report: MergeReport) -> None:
     """The report, the plot and the output's `recall.json` (task count and provenance)."""
     write_json(stage / REPORT_NAME, report.to_dict())
     plot_report(report, stage / PLOT_NAME)
-    write_json(stage / RECALL_JSON, {
-        "kind": f"recall-merge-{report.kind}",
-        "task_count": report.output_task_count,
-        "parents": report.models,
-        "created": report.created,
-        "library_version": report.library_version,
-        "sha256": weight_hashes(stage),
-    })
+    write_json(
+        stage / RECALL_JSON,
+        {
+            "kind": f"recall-merge-{report.kind}",
+            "task_count": report.output_task_count,
+            "parents": report.models,
+            "created": report.created,
+            "library_version": report.library_version,
+            "sha256": weight_hashes(stage),
+        },
+    )

@@ -36,7 +36,7 @@ def load_tokenizer(model_dir: str | Path) -> transformers.PreTrainedTokenizerBas
 
 @contextlib.contextmanager
 def quiet_transformers():
-    """Silence transformers' load reports and progress bars (a head left unused is expected when loading a backbone)."""
+    """Silence transformers' load reports and progress bars (an unused head is expected when loading a backbone)."""
     tlog = transformers.utils.logging
     level, bars = tlog.get_verbosity(), tlog.is_progress_bar_enabled()
     tlog.set_verbosity_error()
@@ -85,8 +85,13 @@ def pooled_hidden_states(
     out: list[torch.Tensor] = []
     batches = range(0, len(texts), batch_size)
     for start in tqdm(batches, desc=desc, unit="batch", disable=not progress):
-        enc = tokenizer(texts[start : start + batch_size], padding=True, truncation=True, max_length=max_length,
-                        return_tensors="pt").to(device)
+        enc = tokenizer(
+            texts[start : start + batch_size],
+            padding=True,
+            truncation=True,
+            max_length=max_length,
+            return_tensors="pt",
+        ).to(device)
         hidden = model(**enc, output_hidden_states=True).hidden_states
         layers = hidden[-1:] if last_only else hidden
         out.append(torch.stack([masked_mean(h, enc["attention_mask"]).cpu() for h in layers]))
@@ -107,8 +112,15 @@ def model_representations(
     """Load one model, compute `[L+1, n, hidden]` representations, and free it before the next model loads."""
     model = load_backbone(model_dir, device, device_map)
     try:
-        return pooled_hidden_states(model, tokenizer, texts, batch_size, max_length, progress=progress,
-                                    desc=f"Representations {Path(model_dir).name}")
+        return pooled_hidden_states(
+            model,
+            tokenizer,
+            texts,
+            batch_size,
+            max_length,
+            progress=progress,
+            desc=f"Representations {Path(model_dir).name}",
+        )
     finally:
         del model
         gc.collect()

@@ -45,7 +45,9 @@ class TensorInfo:
 
     @property
     def nbytes(self) -> int:
-        n = torch.empty((), dtype=DTYPES[self.dtype]).element_size() if self.dtype in DTYPES else 1
+        if self.dtype not in DTYPES:
+            raise ValueError(f"Unsupported safetensors dtype {self.dtype!r} for {self.name!r}.")
+        n = torch.empty((), dtype=DTYPES[self.dtype]).element_size()
         for d in self.shape:
             n *= d
         return n
@@ -126,7 +128,10 @@ class CheckpointReader:
 
 
 def plan_shards(infos: list[TensorInfo], max_shard_size: int) -> list[list[TensorInfo]]:
-    """Split tensors (in order) into shards of at most `max_shard_size` bytes (a bigger tensor gets its own)."""
+    """Split tensors (in order) into shards of at most `max_shard_size` bytes (a bigger tensor gets its own).
+
+    Each `TensorInfo.dtype` must be the dtype the tensor is written in.
+    """
     shards: list[list[TensorInfo]] = [[]]
     size = 0
     for info in infos:
@@ -138,13 +143,16 @@ def plan_shards(infos: list[TensorInfo], max_shard_size: int) -> list[list[Tenso
     return shards
 
 
-def _encode_header(shard: list[TensorInfo], dtypes: dict[str, str]) -> bytes:
+def _encode_header(shard: list[TensorInfo]) -> bytes:
     header: dict[str, object] = {"__metadata__": {"format": "pt"}}
     offset = 0
     for info in shard:
-        nbytes = TensorInfo(info.name, dtypes[info.name], info.shape, info.file).nbytes
-        header[info.name] = {"dtype": dtypes[info.name], "shape": list(info.shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
+        header[info.name] = {
+            "dtype": info.dtype,
+            "shape": list(info.shape),
+            "data_offsets": [offset, offset + info.nbytes],
+        }
+        offset += info.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-(len(raw) + 8) % 8)
     return struct.pack("<Q", len(raw)) + raw
@@ -169,12 +177,19 @@ class StreamingWriter:
         stem: file stem (`model` or `adapter_model`).
     """
 
-    def __init__(self, out_dir: Path, infos: list[TensorInfo], dtypes: dict[str, str], max_shard_size: int,
-                 stem: str = "model"):
+    def __init__(
+        self, out_dir: Path, infos: list[TensorInfo], dtypes: dict[str, str], max_shard_size: int, stem: str = "model"
+    ):
         self.out_dir, self.stem, self.dtypes = Path(out_dir), stem, dtypes
-        self.shards = plan_shards(infos, max_shard_size)
+        unknown = sorted({d for d in dtypes.values() if d not in DTYPES})
+        if unknown:
+            raise ValueError(f"Cannot write safetensors dtype(s) {unknown}; supported: {', '.join(DTYPES)}.")
+        written = [TensorInfo(i.name, dtypes[i.name], i.shape, i.file) for i in infos]
+        self.shards = plan_shards(written, max_shard_size)
         n = len(self.shards)
-        self.names = [f"{stem}.safetensors"] if n == 1 else [f"{stem}-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        self.names = (
+            [f"{stem}.safetensors"] if n == 1 else [f"{stem}-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        )
         self.order: Iterator[tuple[int, TensorInfo]] = ((i, t) for i, s in enumerate(self.shards) for t in s)
         self._file = None
         self._shard = -1
@@ -185,13 +200,14 @@ class StreamingWriter:
         if info.name != name:
             raise RuntimeError(f"StreamingWriter expected tensor {info.name!r} next, got {name!r}.")
         if tuple(tensor.shape) != info.shape or DTYPE_NAMES.get(tensor.dtype) != self.dtypes[name]:
-            raise RuntimeError(f"Tensor {name!r} is {tensor.dtype}{tuple(tensor.shape)}, planned "
-                               f"{self.dtypes[name]}{info.shape}.")
+            raise RuntimeError(
+                f"Tensor {name!r} is {tensor.dtype}{tuple(tensor.shape)}, planned {self.dtypes[name]}{info.shape}."
+            )
         if shard != self._shard:
             self._close_file()
             self._shard = shard
             self._file = open(self.out_dir / self.names[shard], "wb")
-            self._file.write(_encode_header(self.shards[shard], self.dtypes))
+            self._file.write(_encode_header(self.shards[shard]))
         data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
         self._file.write(memoryview(data))
         self.bytes_written += data.nbytes

@@ -82,12 +82,22 @@ def select_typical_samples(
         raise ValueError("select_typical_samples needs the tokenizer when given a model object.")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    emb = pooled_hidden_states(model, tokenizer, candidates, config.batch_size, config.max_length, last_only=True,
-                               progress=progress, desc="Embedding candidates")[0]
+    emb = pooled_hidden_states(
+        model,
+        tokenizer,
+        candidates,
+        config.batch_size,
+        config.max_length,
+        last_only=True,
+        progress=progress,
+        desc="Embedding candidates",
+    )[0]
     emb = torch.nn.functional.normalize(emb, dim=-1).numpy()
     picks = cluster_medoids(emb, config.k, config.seed, config.minibatch_threshold)
     logger.info("Selected %d typical samples from %d candidates", len(picks), len(candidates))
-    return [{"text": candidates[p["index"]], "cluster": p["cluster"], "cluster_size": p["cluster_size"]} for p in picks]
+    return [
+        {"text": candidates[p["index"]], "cluster": p["cluster"], "cluster_size": p["cluster_size"]} for p in picks
+    ]
 
 
 def write_samples(path: str | Path, samples: list[dict]) -> None:
@@ -109,9 +119,9 @@ def read_texts(path: str | Path) -> list[str]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
-            raise ValueError(f"{path}:{i} is not valid JSON; expected one {{\"text\": ...}} object per line.") from None
+            raise ValueError(f'{path}:{i} is not valid JSON; expected one {{"text": ...}} object per line.') from None
         if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-            raise ValueError(f"{path}:{i} has no string field \"text\".")
+            raise ValueError(f'{path}:{i} has no string field "text".')
         texts.append(record["text"])
     if not texts:
         raise ValueError(f"{path} holds no texts.")

@@ -39,29 +39,60 @@ def tiny_config(arch: str, vocab_size: int, hidden: int = 32, layers: int = 4, n
     """Config of a tiny model: `llama`, `qwen2`, `gpt2` (causal LMs) or `bert` (sequence classifier)."""
     common = dict(vocab_size=vocab_size, pad_token_id=0, bos_token_id=2, eos_token_id=3)
     if arch == "llama":
-        return transformers.LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                                        tie_word_embeddings=False, architectures=["LlamaForCausalLM"], **common)
+        return transformers.LlamaConfig(
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+            tie_word_embeddings=False,
+            architectures=["LlamaForCausalLM"],
+            **common,
+        )
     if arch == "qwen2":
-        return transformers.Qwen2Config(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                                        tie_word_embeddings=True, architectures=["Qwen2ForCausalLM"], **common)
+        return transformers.Qwen2Config(
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+            tie_word_embeddings=True,
+            architectures=["Qwen2ForCausalLM"],
+            **common,
+        )
     if arch == "gpt2":
-        return transformers.GPT2Config(n_embd=hidden, n_layer=layers, n_head=4, n_positions=512,
-                                       architectures=["GPT2LMHeadModel"], **common)
+        return transformers.GPT2Config(
+            n_embd=hidden, n_layer=layers, n_head=4, n_positions=512, architectures=["GPT2LMHeadModel"], **common
+        )
     if arch == "bert":
-        return transformers.BertConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
-                                       intermediate_size=2 * hidden, max_position_embeddings=512,
-                                       num_labels=num_labels, architectures=["BertForSequenceClassification"],
-                                       **common)
+        return transformers.BertConfig(
+            hidden_size=hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            intermediate_size=2 * hidden,
+            max_position_embeddings=512,
+            num_labels=num_labels,
+            architectures=["BertForSequenceClassification"],
+            **common,
+        )
     raise ValueError(f"Unknown tiny architecture {arch!r}; choose llama, qwen2, gpt2 or bert.")
 
 
 TINY_ARCHS = ("llama", "qwen2", "gpt2", "bert")
 
 
-def build_tiny_model(arch: str, out_dir: str | Path | None = None, texts: list[str] | None = None, seed: int = 0,
-                     hidden: int = 32, layers: int = 4, num_labels: int = 2, vocab_size: int = 512):
+def build_tiny_model(
+    arch: str,
+    out_dir: str | Path | None = None,
+    texts: list[str] | None = None,
+    seed: int = 0,
+    hidden: int = 32,
+    layers: int = 4,
+    num_labels: int = 2,
+    vocab_size: int = 512,
+):
     """Build a randomly initialised tiny model and tokenizer; save both to `out_dir` when given.
 
     Returns:

@@ -1,0 +1,81 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from recall_hf.safetensors_io import CheckpointReader, StreamingWriter, TensorInfo, read_header
+
+
+def tensors():
+    gen = torch.Generator().manual_seed(0)
+    return {
+        "a.weight": torch.randn(4, 3, generator=gen),
+        "b.bias": torch.randn(5, generator=gen).to(torch.bfloat16),
+        "c.count": torch.tensor(7, dtype=torch.int64),
+        "d.weight": torch.randn(2, 2, 2, generator=gen).half(),
+    }
+
+
+def write_stream(out, ts, max_shard_size):
+    infos = [TensorInfo(n, "", tuple(t.shape), out) for n, t in ts.items()]
+    from recall_hf.safetensors_io import DTYPE_NAMES
+
+    dtypes = {n: DTYPE_NAMES[t.dtype] for n, t in ts.items()}
+    writer = StreamingWriter(out, infos, dtypes, max_shard_size)
+    for n, t in ts.items():
+        writer.write(n, t)
+    return writer.finish()
+
+
+def test_streaming_writer_round_trips_single_file(tmp_path):
+    ts = tensors()
+    files = write_stream(tmp_path, ts, 10**9)
+    assert [f.name for f in files] == ["model.safetensors"]
+    loaded = load_file(files[0])
+    assert set(loaded) == set(ts)
+    for n, t in ts.items():
+        assert loaded[n].dtype == t.dtype and torch.equal(loaded[n], t)
+
+
+def test_streaming_writer_shards_with_index_written(tmp_path):
+    ts = tensors()
+    files = write_stream(tmp_path, ts, 40)
+    assert len(files) > 1
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(ts)
+    reader = CheckpointReader(tmp_path)
+    for n, t in ts.items():
+        assert torch.equal(reader.get(n), t)
+
+
+def test_writer_refuses_out_of_order_tensor(tmp_path):
+    ts = tensors()
+    infos = [TensorInfo(n, "", tuple(t.shape), tmp_path) for n, t in ts.items()]
+    writer = StreamingWriter(tmp_path, infos, {n: "F32" for n in ts}, 10**9)
+    with pytest.raises(RuntimeError, match="expected tensor 'a.weight'"):
+        writer.write("b.bias", ts["b.bias"])
+    writer.abort()
+
+
+def test_truncated_file_is_detected(tmp_path):
+    path = tmp_path / "model.safetensors"
+    save_file(tensors() | {"d.weight": torch.zeros(2)}, str(path))
+    read_header(path)
+    data = path.read_bytes()
+    path.write_bytes(data[:-3])
+    with pytest.raises(ValueError, match="truncated"):
+        read_header(path)
+    path.write_bytes(data[:5])
+    with pytest.raises(ValueError, match="not a safetensors file"):
+        read_header(path)
+
+
+def test_index_naming_missing_shard_is_refused(tmp_path):
+    write_stream(tmp_path, tensors(), 40)
+    first = sorted(tmp_path.glob("model-*.safetensors"))[0]
+    first.unlink()
+    with pytest.raises(ValueError, match="missing shard"):
+        CheckpointReader(tmp_path)
