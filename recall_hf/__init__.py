@@ -4,11 +4,12 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from .adapters import fold_adapter  # noqa: E402
 from .config import RecallConfig  # noqa: E402
 from .merge import MergeReport, recall_merge  # noqa: E402
 from .samples import select_typical_samples  # noqa: E402
 
-__all__ = ["MergeReport", "RecallConfig", "__version__", "recall_merge", "select_typical_samples"]
+__all__ = ["fold_adapter", "MergeReport", "RecallConfig", "__version__", "recall_merge", "select_typical_samples"]
 
 
 def __getattr__(name: str):

@@ -79,6 +79,14 @@ def _cmd_select(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_fold(args: argparse.Namespace) -> int:
+    from .adapters import fold_adapter
+
+    out = fold_adapter(args.adapter, args.out, base=args.base)
+    print(f"Folded adapter {args.adapter} into full weights at {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="recall-hf",
@@ -123,6 +131,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default=None, help="output jsonl (default: MODEL/recall_samples.jsonl)")
     _add_config_args(s)
     s.set_defaults(func=_cmd_select)
+
+    f = sub.add_parser(
+        "fold",
+        help="fold a (merged) LoRA adapter into full model weights",
+        description="Write base + adapter as a plain model directory (PEFT merge_and_unload, fp32 "
+        "accumulation, cast back to the base dtype), atomically.",
+    )
+    f.add_argument("adapter", help="PEFT adapter directory")
+    f.add_argument("--out", required=True, help="output model directory (must not exist)")
+    f.add_argument("--base", default=None, help="base model dir (default: base_model_name_or_path of the adapter)")
+    f.set_defaults(func=_cmd_fold)
 
     try:
         from recall_daemon.cli import add_daemon_commands
