@@ -1,0 +1,498 @@
+"""`RecallCallback`: when a task's training ends, pick its typical samples and write a task checkpoint (SPEC 1, 3).
+
+Works with any `transformers.Trainer` (TRL's `SFTTrainer` included), for full fine-tuning and PEFT LoRA adapters:
+
+```python
+trainer = Trainer(model, args, train_dataset=ds, processing_class=tok,
+                  callbacks=[RecallCallback(drop_dir="/srv/recall/drop")])
+trainer.train()  # -> /srv/recall/drop/<task>-<timestamp>/ with READY, and <output_dir>/recall_checkpoint/
+```
+
+Where the callback gets what it needs at `on_train_end`:
+- the trainer: `trainer=` if given (`RecallTrainer` passes itself), else the `Trainer` whose method fired the event,
+  found in the calling frames (`find_trainer`). With it, results are logged through `trainer.log`, so every
+  reporting integration (TensorBoard, W&B, ...) receives them exactly like TRL's callbacks that hold their trainer;
+  the texts come from `trainer.train_dataset` (before unused columns are dropped); FSDP / DeepSpeed ZeRO-3 weights
+  are gathered with `trainer.accelerator.get_state_dict`. Without a trainer, results go to `state.log_history` and
+  the `logging` logger, and the texts come from the train dataloader's dataset.
+- the model and tokenizer: the event's `model` and `processing_class` (`tokenizer` on older versions).
+
+Only the main process writes and merges; every process waits for it before `train()` returns, so a script can use
+the checkpoint or merged model right after training on any rank.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback
+
+from .checkpoint import READY, fsync_dir, is_adapter_dir, read_recall_json
+from .config import RecallConfig
+from .samples import select_typical_samples
+from .task_checkpoint import staged_task_dir, unique_drop_path, write_task_checkpoint
+
+logger = logging.getLogger(__name__)
+
+TEXT_COLUMNS = ("messages", "prompt", "text", "input_ids")
+VERSIONS_SUFFIX = ".versions"
+
+
+# ---- Texts of a task ------------------------------------------------------------------------------------------------
+
+
+def render_prompt(messages: list[dict], tokenizer) -> str | None:
+    """The prompt side of a chat: every message before the final assistant turn, rendered with the chat template."""
+    last = max((i for i, m in enumerate(messages) if m.get("role") == "assistant"), default=None)
+    prompt = messages[:last] if last is not None else list(messages)
+    if not prompt:
+        return None
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    logger.warning("The tokenizer has no chat template; rendering chat prompts as 'role: content' lines.")
+
+    def content(m: dict) -> str:
+        c = m.get("content", "")
+        return c if isinstance(c, str) else " ".join(p.get("text", "") for p in c if isinstance(p, dict))
+
+    return "\n".join(f"{m.get('role', '')}: {content(m)}" for m in prompt)
+
+
+def _as_list(x) -> list:
+    return x.tolist() if hasattr(x, "tolist") else list(x)
+
+
+def prompt_token_ids(input_ids: list[int], supervised: list[bool] | None) -> list[int]:
+    """Tokens before the last supervised span (the final answer) when a mask tells; all tokens otherwise."""
+    if not supervised or all(supervised) or not any(supervised):
+        return input_ids
+    end = len(supervised)
+    while not supervised[end - 1]:  # skip unsupervised tail (e.g. EOS left out of the loss)
+        end -= 1
+    start = end
+    while start > 0 and supervised[start - 1]:
+        start -= 1
+    return input_ids[:start] if start > 0 else input_ids
+
+
+def decode_row(row: dict, tokenizer) -> list[str]:
+    """Texts of an already tokenized row: the prompt side (by `completion_mask` / `assistant_masks` / `labels`)."""
+    ids = _as_list(row["input_ids"])
+    if ids and isinstance(ids[0], list):  # a pre-batched row
+        ids = ids[0]
+    for key, supervised_if in (("completion_mask", 1), ("assistant_masks", 1), ("labels", None)):
+        if key in row and row[key] is not None:
+            values = _as_list(row[key])
+            mask = [v == 1 for v in values] if supervised_if == 1 else [v != -100 for v in values]
+            break
+    else:
+        mask = None
+    if mask is not None and len(mask) != len(ids):
+        mask = None
+    lengths = row.get("seq_lengths")  # TRL packing: several sequences per row
+    spans, start = [], 0
+    for n in (_as_list(lengths) if lengths is not None else [len(ids)]):
+        spans.append((start, start + int(n)))
+        start += int(n)
+    texts = []
+    for a, b in spans:
+        kept = prompt_token_ids(ids[a:b], mask[a:b] if mask else None)
+        texts.append(tokenizer.decode(kept, skip_special_tokens=True))
+    return texts
+
+
+def _column_names(dataset) -> list[str]:
+    names = getattr(dataset, "column_names", None)
+    if isinstance(names, list):
+        return names
+    try:
+        first = dataset[0] if hasattr(dataset, "__getitem__") else next(iter(dataset))
+    except (StopIteration, IndexError, KeyError, TypeError):
+        return []
+    return list(first.keys()) if hasattr(first, "keys") else []
+
+
+def _rows(dataset, limit: int, seed: int):
+    """At most `limit` rows: a seeded sample of a sized dataset (order kept), the first rows of an iterable one."""
+    if hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__"):
+        n = len(dataset)
+        idx = range(n) if n <= limit else sorted(random.Random(seed).sample(range(n), limit))
+        if hasattr(dataset, "select"):  # datasets.Dataset: one Arrow read, rows as dicts
+            yield from dataset.select(idx)
+        else:
+            for i in idx:
+                yield dataset[i]
+    else:
+        yield from itertools.islice(iter(dataset), limit)
+
+
+def dataset_texts(dataset, tokenizer, text_field: str | None = None, max_rows: int = 4000, seed: int = 0) -> list[str]:
+    """The texts a task trained on, as RECALL's typical-sample selection wants them (SPEC 2.1).
+
+    Column used (the first present): `text_field`; `messages` (chat, prompt side with the chat template and
+    `add_generation_prompt=True`); `prompt` (string, or chat messages); `text`; `input_ids` (decoded; the prompt
+    side when `completion_mask`, `assistant_masks` or `labels` mark the answer).
+
+    Args:
+        dataset: a `datasets.Dataset` / `IterableDataset`, or a torch dataset of dict rows.
+        tokenizer: renders chats and decodes token ids.
+        text_field: the column to use instead of the automatic choice.
+        max_rows: rows read at most (a seeded sample of a sized dataset).
+    """
+    if dataset is None:
+        raise ValueError("The trainer has no train dataset to take the task's texts from.")
+    columns = _column_names(dataset)
+    if text_field is not None:
+        if columns and text_field not in columns:
+            raise ValueError(f"text_field={text_field!r} is not a column of the train dataset; columns: {columns}.")
+        field = text_field
+    else:
+        field = next((c for c in TEXT_COLUMNS if c in columns), None)
+        if field is None:
+            raise ValueError(f"Cannot find the task's texts in train dataset columns {columns}; expected one of "
+                             f"{list(TEXT_COLUMNS)}, or pass text_field=COLUMN.")
+    texts: list[str] = []
+    for row in _rows(dataset, max_rows, seed):
+        value = row[field]
+        if field == "input_ids":
+            texts.extend(decode_row(row, tokenizer))
+        elif isinstance(value, str):
+            texts.append(value)
+        elif isinstance(value, list) and (not value or isinstance(value[0], dict)):
+            rendered = render_prompt(value, tokenizer)
+            if rendered:
+                texts.append(rendered)
+        else:
+            raise ValueError(f"Column {field!r} holds {type(value).__name__} values; expected text or chat messages.")
+    return [t for t in texts if t and t.strip()]
+
+
+# ---- The rolling merged model ---------------------------------------------------------------------------------------
+
+
+def _holds_model(path: Path) -> bool:
+    return (path / "config.json").is_file() or is_adapter_dir(path)
+
+
+def check_merge_into(merge_into: str | Path) -> None:
+    """`merge_into` must be absent, an empty directory, or a symlink to a model (what `fold_into` maintains)."""
+    path = Path(merge_into)
+    if path.is_symlink():
+        if not path.exists() or not _holds_model(path.resolve()):
+            raise ValueError(f"merge_into={path} is a symlink to {os.readlink(path)}, which holds no model.")
+    elif path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise ValueError(f"merge_into={path} is an existing non-empty directory or file. Pass a new path (the first "
+                         "task checkpoint becomes the merged model), or to start from an existing model make "
+                         f"{path} a symlink to it (`ln -s MODEL_DIR {path}`); it is never modified.")
+
+
+def _link_or_copy_tree(src: Path, dst: Path, skip: set[str]) -> None:
+    """Hard-link (same filesystem; files are never modified in place) or copy `src`'s files into `dst`."""
+    for p in sorted(src.iterdir()):
+        if p.name in skip or p.name.startswith("."):
+            continue
+        if p.is_dir():
+            shutil.copytree(p, dst / p.name)
+            continue
+        try:
+            os.link(p, dst / p.name)
+        except OSError:
+            shutil.copy2(p, dst / p.name)
+
+
+def fold_into(merge_into: str | Path, checkpoint: str | Path, config: RecallConfig | None = None,
+              progress: bool = False):
+    """Fold a task checkpoint into the rolling merged model at `merge_into`, switching it atomically.
+
+    `merge_into` is a symlink to `<merge_into>.versions/vNNNN`. With no model there yet, the checkpoint becomes
+    the merged model; otherwise `recall_merge([current, checkpoint])` writes the next version. The symlink is then
+    replaced in one `rename`, and older versions inside `<merge_into>.versions` are removed (a model the symlink
+    pointed to elsewhere is left alone).
+
+    Returns:
+        `(version_dir, MergeReport | None)`.
+    """
+    from .merge import recall_merge
+
+    merge_into, checkpoint = Path(merge_into).absolute(), Path(checkpoint)
+    check_merge_into(merge_into)
+    current = merge_into.resolve() if merge_into.is_symlink() else None
+    versions = merge_into.with_name(merge_into.name + VERSIONS_SUFFIX)
+    versions.mkdir(parents=True, exist_ok=True)
+    taken = [int(p.name[1:]) for p in versions.iterdir() if p.name[:1] == "v" and p.name[1:].isdigit()]
+    new = versions / f"v{max(taken, default=0) + 1:04d}"
+    if current is None:
+        with staged_task_dir(new) as stage:
+            _link_or_copy_tree(checkpoint, stage, skip={READY})
+        (new / READY).unlink()  # a model version, not a drop
+        report = None
+    else:
+        report = recall_merge([current, checkpoint], None, new, config, progress=progress)
+    if merge_into.is_dir() and not merge_into.is_symlink():
+        merge_into.rmdir()  # empty (checked above)
+    link = merge_into.with_name(f".{merge_into.name}.link-{os.getpid()}")
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    os.symlink(os.path.relpath(new, merge_into.parent), link)
+    os.replace(link, merge_into)
+    for old in versions.iterdir():
+        if old != new and old.is_dir() and not old.name.startswith("."):
+            shutil.rmtree(old, ignore_errors=True)
+    logger.info("Merged model %s -> %s (%s)", merge_into, new, "merged" if report else "first task")
+    return new, report
+
+
+# ---- The callback ---------------------------------------------------------------------------------------------------
+
+
+def find_trainer(max_depth: int = 16):
+    """The `transformers.Trainer` whose method is running further up the call stack (the one firing the event)."""
+    from transformers import Trainer
+
+    frame = sys._getframe(1)
+    for _ in range(max_depth):
+        if frame is None:
+            return None
+        obj = frame.f_locals.get("self")
+        if isinstance(obj, Trainer):
+            return obj
+        frame = frame.f_back
+    return None
+
+
+def is_sharded(trainer) -> bool:
+    """Whether no single process holds the whole model (FSDP or DeepSpeed ZeRO-3)."""
+    if trainer is None:
+        return False
+    if getattr(trainer, "is_fsdp_enabled", False):
+        return True
+    if getattr(trainer, "is_deepspeed_enabled", False):
+        ds = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
+        return getattr(ds, "zero_stage", None) == 3
+    return False
+
+
+def wait_for_everyone(trainer) -> None:
+    if trainer is not None:
+        trainer.accelerator.wait_for_everyone()
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def unwrap(model, trainer=None):
+    if trainer is not None:
+        return trainer.accelerator.unwrap_model(model, keep_torch_compile=False)
+    while hasattr(model, "module") and type(model).__name__ in ("DistributedDataParallel", "DataParallel"):
+        model = model.module
+    return getattr(model, "_orig_mod", model)
+
+
+def text_tokenizer(processing_class):
+    """The text tokenizer of a tokenizer or multimodal processor."""
+    return getattr(processing_class, "tokenizer", None) or processing_class
+
+
+class RecallCallback(TrainerCallback):
+    """Writes a RECALL task checkpoint when training ends, optionally folding it into a merged model.
+
+    Args:
+        drop_dir (`str`, *optional*):
+            Drop folder (the daemon's); the checkpoint lands in `<drop_dir>/<task>-<UTC timestamp>/`, `READY` last.
+        config (`RecallConfig`, *optional*):
+            RECALL settings for sample selection and merging; defaults to `RecallConfig()`.
+        task_name (`str`, *optional*):
+            Task name for `recall.json`; defaults to `args.run_name`, else the name of `args.output_dir`.
+        merge_into (`str`, *optional*):
+            A rolling merged model (a symlink `fold_into` maintains) to fold the checkpoint into right away.
+        output_subdir (`str`, *optional*, defaults to `"recall_checkpoint"`):
+            Also write the checkpoint to `<args.output_dir>/<output_subdir>` (replacing an earlier one).
+        save_to_output_dir (`bool`, *optional*, defaults to `True`):
+            Whether to write that copy. The two copies share files via hard links when possible.
+        text_field (`str`, *optional*):
+            Dataset column holding the texts; by default `messages`, `prompt`, `text` or `input_ids`.
+        parent (`str`, *optional*):
+            The model training started from, for `recall.json` (default: the path the model was loaded from).
+        base (`str`, *optional*):
+            The original base model, for `recall.json` (default: the parent's recorded base, else the parent).
+        trainer (`transformers.Trainer`, *optional*):
+            The trainer, for logging through `trainer.log`; found from the call stack when not given.
+        progress (`bool`, *optional*, defaults to `True`):
+            Show progress bars for embedding and merging.
+
+    After training, `checkpoint_dir`, `drop_path`, `merged_dir` (the new merged version) and `report` (the
+    `MergeReport`, when a merge ran) hold the results on the main process.
+    """
+
+    def __init__(
+        self,
+        drop_dir: str | Path | None = None,
+        config: RecallConfig | None = None,
+        task_name: str | None = None,
+        merge_into: str | Path | None = None,
+        output_subdir: str = "recall_checkpoint",
+        save_to_output_dir: bool = True,
+        text_field: str | None = None,
+        parent: str | Path | None = None,
+        base: str | Path | None = None,
+        trainer=None,
+        progress: bool = True,
+    ):
+        if drop_dir is None and not save_to_output_dir:
+            raise ValueError("RecallCallback has nowhere to write the task checkpoint: pass drop_dir=DIR or keep "
+                             "save_to_output_dir=True.")
+        if save_to_output_dir and (not output_subdir or Path(output_subdir).is_absolute() or ".." in output_subdir):
+            raise ValueError(f"output_subdir must be a relative folder name inside output_dir, got {output_subdir!r}.")
+        if merge_into is not None:
+            check_merge_into(merge_into)
+        self.drop_dir = Path(drop_dir) if drop_dir is not None else None
+        self.config = config or RecallConfig()
+        self.task_name = task_name
+        self.merge_into = Path(merge_into) if merge_into is not None else None
+        self.output_subdir = output_subdir
+        self.save_to_output_dir = save_to_output_dir
+        self.text_field = text_field
+        self.parent = parent
+        self.base = base
+        self.trainer = trainer
+        self.progress = progress
+        self._found_trainer = None
+        self.checkpoint_dir: Path | None = None
+        self.drop_path: Path | None = None
+        self.merged_dir: Path | None = None
+        self.report = None
+
+    # -- events --
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        # Fail before hours of training, not after: destinations are checked now.
+        self._found_trainer = self.trainer or find_trainer()
+        if state.is_world_process_zero:
+            out = self._output_checkpoint_dir(args)
+            if out is not None and out.exists() and read_recall_json(out).get("kind") != "task-checkpoint":
+                raise ValueError(f"{out} exists and is not a RECALL task checkpoint; choose another output_subdir.")
+            if self.drop_dir is not None:
+                self.drop_dir.mkdir(parents=True, exist_ok=True)
+            if self.merge_into is not None:
+                check_merge_into(self.merge_into)
+
+    def on_train_end(self, args, state, control, model=None, processing_class=None, train_dataloader=None, **kwargs):
+        trainer = self.trainer or self._found_trainer or find_trainer()
+        processing_class = processing_class or kwargs.get("tokenizer")
+        if processing_class is None and trainer is not None:
+            processing_class = trainer.processing_class
+        if processing_class is None:
+            raise RuntimeError("RecallCallback needs the tokenizer: pass processing_class=TOKENIZER to the Trainer.")
+        main = state.is_world_process_zero
+        try:
+            samples = state_dict = None
+            if is_sharded(trainer):
+                # Every rank holds a shard: all join the forward passes and the state-dict gather.
+                samples = self._select(trainer.train_dataset, trainer.model_wrapped, processing_class, main)
+                state_dict = trainer.accelerator.get_state_dict(
+                    trainer.deepspeed if getattr(trainer, "is_deepspeed_enabled", False) else trainer.model)
+            if main:
+                self._write_and_merge(args, state, trainer, unwrap(model if model is not None else trainer.model,
+                                                                   trainer), processing_class, train_dataloader,
+                                      samples, state_dict)
+        finally:
+            wait_for_everyone(trainer)
+        return control
+
+    # -- work --
+
+    def _output_checkpoint_dir(self, args) -> Path | None:
+        return Path(args.output_dir) / self.output_subdir if self.save_to_output_dir else None
+
+    def _task_name(self, args) -> str:
+        if self.task_name:
+            return self.task_name
+        if args.run_name and args.run_name != args.output_dir:
+            return str(args.run_name)
+        return Path(args.output_dir).name or "task"
+
+    def _select(self, dataset, model, processing_class, show: bool) -> list[dict]:
+        tok = text_tokenizer(processing_class)
+        texts = dataset_texts(dataset, tok, self.text_field, 2 * self.config.max_candidates, self.config.seed)
+        if not texts:
+            raise ValueError("The train dataset yielded no non-empty texts to pick typical samples from.")
+        return select_typical_samples(texts, model, tok, self.config, progress=self.progress and show)
+
+    def _write_and_merge(self, args, state, trainer, model, processing_class, train_dataloader, samples,
+                         state_dict) -> None:
+        t0 = time.perf_counter()
+        if samples is None:
+            dataset = getattr(trainer, "train_dataset", None) if trainer is not None else None
+            if dataset is None and train_dataloader is not None:
+                dataset = train_dataloader.dataset
+            samples = self._select(dataset, model, processing_class, True)
+        task = self._task_name(args)
+        logs: dict[str, Any] = {"recall/num_samples": float(len(samples))}
+        write = dict(tokenizer=processing_class, samples=samples, task_name=task, parent=self.parent,
+                     base=self.base, state_dict=state_dict,
+                     extra={"global_step": state.global_step, "output_dir": str(Path(args.output_dir).absolute())})
+        out = self._output_checkpoint_dir(args)
+        if self.drop_dir is not None:
+            self.drop_path = unique_drop_path(self.drop_dir, task)
+        if out is None:
+            # Merge from a hidden work copy and publish it to the drop folder last, so the daemon can never take
+            # the drop away while the merge still reads it.
+            out = self.drop_path.with_name(f".{self.drop_path.name}.work-{os.getpid()}")
+        old = out.with_name(f".{out.name}.old-{os.getpid()}") if out.exists() else None
+        if old is not None:
+            os.rename(out, old)  # the earlier run's checkpoint, kept until the new one is complete
+        try:
+            self.checkpoint_dir = write_task_checkpoint(model, out_dir=out, **write)
+        except BaseException:
+            if old is not None:
+                os.rename(old, out)
+            raise
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        logs["recall/checkpoint_seconds"] = time.perf_counter() - t0
+        try:
+            if self.merge_into is not None:
+                t1 = time.perf_counter()
+                self.merged_dir, self.report = fold_into(self.merge_into, self.checkpoint_dir, self.config,
+                                                         self.progress)
+                logs["recall/merge_seconds"] = time.perf_counter() - t1
+                logs["recall/task_count"] = float(read_recall_json(self.merged_dir).get("task_count", 1))
+                if self.report is not None:
+                    for layer, w in enumerate(self.report.newest_weight):
+                        logs[f"recall/newest_weight/layer_{layer:02d}"] = w
+        finally:  # a failed local merge must not keep the checkpoint from the drop folder
+            if self.drop_path is not None:
+                self._publish_drop()
+        self._log(trainer, state, logs)
+        logger.info("RECALL task %r: checkpoint %s%s%s", task, self.checkpoint_dir,
+                    f", drop {self.drop_path}" if self.drop_path else "",
+                    f", merged {self.merged_dir}" if self.merged_dir else "")
+
+    def _publish_drop(self) -> None:
+        if self.save_to_output_dir:
+            with staged_task_dir(self.drop_path) as stage:
+                _link_or_copy_tree(self.checkpoint_dir, stage, skip={READY})
+        else:
+            os.rename(self.checkpoint_dir, self.drop_path)  # complete, READY included
+            fsync_dir(self.drop_path.parent)
+            self.checkpoint_dir = self.drop_path
+
+    def _log(self, trainer, state, logs: dict[str, float]) -> None:
+        """Through `trainer.log` (reaches every reporting integration) when the trainer is known."""
+        if trainer is not None:
+            trainer.log(dict(logs))
+        else:
+            state.log_history.append({**logs, "step": state.global_step})
+
+
+__all__ = ["RecallCallback", "dataset_texts", "fold_into", "render_prompt"]
