@@ -1,0 +1,27 @@
+"""recall_daemon: the drop-folder daemon of recall-hf (SPEC 1, 3; RELIABILITY.md).
+
+It watches a drop folder for task checkpoints and folds each one into the deployed model with RECALL, publishing
+an immutable version and switching `DEPLOY/current` atomically, so the deployed model is always complete, loadable
+and validated, and every complete drop is merged exactly once or quarantined with a reason.
+
+Modules, in the order a drop meets them:
+    watcher.py     file events (inotify, or polling) that only wake the worker
+    drops.py       completeness (READY / quiet period), arrival order, content hash
+    validation.py  checks before merging and before going live
+    worker.py      verify -> merge -> validate -> publish, journaled; recovery after a crash
+    journal.py     the publish journal (intent -> merged -> published)
+    store.py       the deploy folder: versions, current, ledger, quarantine, status, rollback, pruning
+    modelcard.py   version.json and the cumulative model card README.md
+    metrics.py     Prometheus metrics (textfile and HTTP)
+    service.py     lock, signals, the main loop
+    cli.py         `recall-hf daemon | status | rollback`
+    faults.py      fault injection for the test suite (environment variables)
+"""
+
+from __future__ import annotations
+
+from .config import DaemonConfig
+from .service import DaemonService
+from .store import DeployStore
+
+__all__ = ["DaemonConfig", "DaemonService", "DeployStore"]

@@ -1,0 +1,223 @@
+"""`recall-hf daemon | status | rollback` (also `recall-daemon ...`): the drop-folder daemon's command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections import Counter
+
+from .store import DeployStore
+
+COMMANDS = ("daemon", "status", "rollback")
+
+
+def _const(value):
+    return {"action": "store_const", "const": value, "default": None}
+
+
+def _add_daemon_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default=None, help="TOML file of settings (see daemon/example-config.toml); "
+                   "command-line flags override it")
+    p.add_argument("--drop", dest="drop_dir", default=None, help="drop folder producers write task checkpoints into")
+    p.add_argument("--deploy", dest="deploy_dir", default=None,
+                   help="deploy folder the daemon owns (versions/, current, ledger.jsonl, quarantine/, status.json)")
+    p.add_argument("--base", default=None, help="model (or adapter) dir published as versions/v0000 when the deploy "
+                   "folder is empty (ignored once it holds a version)")
+    p.add_argument("--once", action="store_true", help="process the complete drops pending now, then exit "
+                   "(exit 1 when a drop had to be deferred, e.g. for disk space)")
+    p.add_argument("--poll", type=float, default=None, help="seconds between rescans of the drop folder (default 30)")
+    p.add_argument("--quiet-period", type=float, default=None,
+                   help="a drop without READY counts as complete after this many seconds unchanged (default 60)")
+    p.add_argument("--keep", type=int, default=None,
+                   help="newest versions to keep; the live one, its predecessor and v0000 are always kept (default 3)")
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help="serve Prometheus metrics on this port (DEPLOY/metrics.prom is always written)")
+    p.add_argument("--probes", default=None, help="probe texts (.jsonl/.txt) for drops without recall_samples.jsonl")
+    p.add_argument("--polling-observer", dest="polling_observer", **_const(True),
+                   help="watch with a polling observer instead of inotify (network filesystems)")
+    p.add_argument("--no-events", dest="events", **_const(False),
+                   help="no file watching at all: rescan every --poll seconds only")
+    p.add_argument("--after-ingest", default=None, choices=["delete", "move"],
+                   help="what to do with a merged drop: delete it (default) or move it to DEPLOY/ingested/")
+    p.add_argument("--retry-after", type=float, default=None,
+                   help="seconds before retrying a drop deferred for disk space (default 300)")
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                   help="daemon log level (default INFO)")
+    g = p.add_argument_group("RECALL merge settings (also the [recall] table of --config)")
+    g.add_argument("--tau", type=float, default=None, help="softmax temperature of the per-layer weights")
+    g.add_argument("--similarity", default=None, help="per-layer similarity: rbf, linear_cka, rbf_cka, cosine")
+    g.add_argument("-k", "--k", type=int, default=None, help="typical samples per task")
+    g.add_argument("--no-task-count-prior", dest="task_count_prior", **_const(False),
+                   help="do not weight models by the tasks they carry")
+    g.add_argument("--normalize-depth", dest="normalize_depth", **_const(True),
+                   help="rescale layer divergences by their spread")
+    g.add_argument("--seed", type=int, default=None, help="seed for sampling and clustering")
+    g.add_argument("--batch-size", type=int, default=None, help="forward-pass batch size")
+    g.add_argument("--max-length", type=int, default=None, help="token limit per probe text")
+    g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="output dtype")
+    g.add_argument("--device", default=None, help="device for forward passes (default cpu)")
+    g.add_argument("--device-map", default=None, help="accelerate device_map for large models, e.g. auto")
+
+
+DAEMON_KEYS = ("drop_dir", "deploy_dir", "base", "poll", "quiet_period", "keep", "metrics_port", "probes",
+               "polling_observer", "events", "after_ingest", "retry_after")
+RECALL_KEYS = ("tau", "similarity", "k", "task_count_prior", "normalize_depth", "seed", "batch_size", "max_length",
+               "dtype", "device", "device_map")
+
+
+def build_config(args: argparse.Namespace):
+    from .config import DaemonConfig
+
+    values = {k: getattr(args, k) for k in DAEMON_KEYS if getattr(args, k, None) is not None}
+    recall = {k: getattr(args, k) for k in RECALL_KEYS if getattr(args, k, None) is not None}
+    if args.config:
+        return DaemonConfig.from_toml(args.config, recall=recall, **values)
+    missing = [flag for flag, key in (("--drop", "drop_dir"), ("--deploy", "deploy_dir")) if key not in values]
+    if missing:
+        raise ValueError(f"missing {' and '.join(missing)} (or give them in a --config file).")
+    return DaemonConfig.from_dict({**values, "recall": recall})
+
+
+def _daemon_logging(level: str) -> None:
+    log = logging.getLogger("recall_daemon")
+    log.setLevel(level)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def cmd_daemon(args: argparse.Namespace) -> int:
+    from .service import DaemonService
+
+    _daemon_logging(args.log_level)
+    config = build_config(args)
+    return DaemonService(config).run(once=args.once)
+
+
+def _open_store(deploy: str) -> DeployStore:
+    store = DeployStore(deploy)
+    if not store.versions_dir.is_dir():
+        raise ValueError(f"{deploy} is not a deploy folder (no versions/); start the daemon with --base first.")
+    return store
+
+
+def collect_status(store: DeployStore) -> dict:
+    """What an operator wants to know, from the files alone (works whether the daemon runs or not)."""
+    from .service import lock_held, lock_holder
+
+    status = store.read_status()
+    running = lock_held(store.lock_path)
+    live = store.current()
+    info = store.version_info(live) if live else {}
+    ledger = store.ledger()
+    return {
+        "running": running,
+        "pid": lock_holder(store.lock_path) if running else None,
+        "state": status.get("state", "unknown") if running else "stopped",
+        "current": live,
+        "current_path": str(store.current_link.resolve()) if live else None,
+        "task_count": info.get("task_count"),
+        "tasks": [{"task": t.get("task"), "hash": t.get("hash"), "version": t.get("version"), "time": t.get("time")}
+                  for t in info.get("tasks", [])],
+        "versions": store.versions(),
+        "queue": status.get("queue", []) if running else [],
+        "writing": status.get("writing", []) if running else [],
+        "deferred": status.get("deferred", []) if running else [],
+        "journal": store.journal.read().state,
+        "ledger": dict(Counter(e.get("result", "?") for e in ledger)),
+        "quarantine": [{"name": q["name"], "check": q.get("check"), "error": q.get("error")}
+                       for q in store.quarantined()],
+        "last_error": status.get("last_error"),
+        "last_success": status.get("last_success"),
+        "updated": status.get("updated"),
+    }
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    report = collect_status(_open_store(args.deploy))
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    run = f"running (pid {report['pid']}, {report['state']})" if report["running"] else "not running"
+    print(f"recall-daemon: {run}")
+    print(f"current: {report['current'] or 'MISSING'} ({report['task_count'] or 0} tasks)  "
+          f"versions: {', '.join(report['versions']) or 'none'}  journal: {report['journal']}")
+    for i, t in enumerate(report["tasks"], 1):
+        print(f"  {i:>3}. {t['task']}  [{(t['hash'] or '')[:12]}]  {t['version']}  {t['time']}")
+    if report["queue"] or report["writing"]:
+        print(f"queue: {', '.join(report['queue']) or '-'}  being written: {', '.join(report['writing']) or '-'}")
+    print("ledger: " + (", ".join(f"{k} {v}" for k, v in sorted(report["ledger"].items())) or "empty"))
+    for q in report["quarantine"]:
+        print(f"quarantined: {q['name']}: {q['check']}: {q['error']}")
+    if report["last_success"]:
+        s = report["last_success"]
+        print(f"last success: {s.get('drop')} -> {s.get('version')} at {s.get('time')}")
+    if report["last_error"]:
+        e = report["last_error"]
+        print(f"last error: {e.get('kind')} {e.get('drop', '')}: {e.get('error')} ({e.get('time')})")
+    return 0
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    store = _open_store(args.deploy)
+    before, after = store.rollback(args.to)
+    print(f"current: {before or 'missing'} -> {after} ({store.current_link} -> {store.current_link.resolve()})")
+    return 0
+
+
+def add_daemon_commands(subparsers) -> None:
+    """Add `daemon`, `status` and `rollback` to an argparse subparsers object (used by `recall-hf`)."""
+    d = subparsers.add_parser(
+        "daemon", help="watch a drop folder and fold each task checkpoint into the deployed model",
+        description="Watch DROP for task checkpoints (a sub-directory each, complete when it holds READY or stopped "
+        "changing for --quiet-period) and fold each into the deployed model with RECALL: verify, merge, validate, "
+        "publish as DEPLOY/versions/vNNNN and switch DEPLOY/current atomically. Crash-safe; see daemon/README.md.")
+    _add_daemon_args(d)
+    d.set_defaults(func=cmd_daemon)
+
+    s = subparsers.add_parser("status", help="show the deploy folder: live version, tasks, queue, errors",
+                              description="Report a deploy folder's state from its files (daemon running or not).")
+    s.add_argument("--deploy", required=True, help="the deploy folder")
+    s.add_argument("--json", action="store_true", help="print JSON")
+    s.set_defaults(func=cmd_status)
+
+    r = subparsers.add_parser("rollback", help="point DEPLOY/current at an earlier version",
+                              description="Switch DEPLOY/current atomically to --to, or to the live version's "
+                              "predecessor. Safe while the daemon runs: a merge in flight is redone on the new "
+                              "live version. Drops already in the ledger are not merged again if re-dropped.")
+    r.add_argument("--deploy", required=True, help="the deploy folder")
+    r.add_argument("--to", default=None, help="version name, e.g. v0003 (default: the live version's predecessor)")
+    r.set_defaults(func=cmd_rollback)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="recall-daemon", description="RECALL drop-folder daemon: continual model "
+                                     "merging as a crash-safe service (same as `recall-hf daemon|status|rollback`).")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_daemon_commands(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0].startswith("-") and argv[0] not in ("-h", "--help", "-v", "--verbose"):
+        argv.insert(0, "daemon")  # `recall-daemon --drop ... --deploy ...`
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, RuntimeError, OSError) as err:
+        if args.verbose:
+            raise
+        print(f"recall-daemon {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,130 @@
+"""DaemonConfig: every knob of the drop-folder daemon in one place, loadable from a TOML file."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from recall_hf.config import RecallConfig
+
+AFTER_INGEST = ("delete", "move")
+
+
+@dataclass
+class DaemonConfig:
+    """Configuration of `recall-hf daemon` (see `daemon/README.md`).
+
+    Args:
+        drop_dir (`str`):
+            Folder producers write task checkpoints into, one sub-directory per task.
+        deploy_dir (`str`):
+            Folder the daemon owns: `versions/`, the `current` symlink, ledger, journal, quarantine, status, metrics.
+        base (`str`, *optional*, defaults to `None`):
+            Model (or adapter) directory copied to `versions/v0000` when the deploy folder has no version yet.
+        poll (`float`, *optional*, defaults to `30.0`):
+            Seconds between rescans of the drop folder when no file event arrives (events are only hints).
+        quiet_period (`float`, *optional*, defaults to `60.0`):
+            A drop without a `READY` marker is complete once none of its files changed for this many seconds.
+        keep (`int`, *optional*, defaults to `3`):
+            Newest versions kept; the live version, its predecessor and `v0000` (the base) are always kept too.
+        metrics_port (`int`, *optional*, defaults to `None`):
+            Serve Prometheus metrics over HTTP on this port (the textfile `metrics.prom` is always written).
+        metrics_addr (`str`, *optional*, defaults to `"0.0.0.0"`):
+            Address the metrics HTTP server binds to.
+        probes (`str`, *optional*, defaults to `None`):
+            A `.jsonl`/`.txt` of probe texts used for drops that ship no `recall_samples.jsonl`.
+        polling_observer (`bool`, *optional*, defaults to `False`):
+            Watch with watchdog's `PollingObserver` instead of inotify (network filesystems). Also the fallback when
+            inotify cannot start.
+        events (`bool`, *optional*, defaults to `True`):
+            Watch the drop folder for file events; `False` relies on the periodic rescan alone.
+        after_ingest (`str`, *optional*, defaults to `"delete"`):
+            What happens to a drop once it is merged (or found to be a duplicate): `delete` it (only the rolling
+            merged model is kept, SPEC 1) or `move` it to `DEPLOY/ingested/<name>-<hash>`.
+        retry_after (`float`, *optional*, defaults to `300.0`):
+            Seconds before a drop deferred for lack of disk space is tried again.
+        space_factor (`float`, *optional*, defaults to `1.2`):
+            Free space needed before staging, as a multiple of the live version's size.
+        validate_samples (`int`, *optional*, defaults to `8`):
+            Typical samples run through the merged model before it may go live.
+        recall (`RecallConfig`, *optional*):
+            RECALL merge settings (TOML table `[recall]`); the daemon always merges in `continual` mode.
+    """
+
+    drop_dir: str = field(metadata={"help": "Folder producers write task checkpoints into."})
+    deploy_dir: str = field(metadata={"help": "Folder the daemon owns (versions, current, ledger, ...)."})
+    base: str | None = field(default=None, metadata={"help": "Model copied to versions/v0000 of an empty deploy."})
+    poll: float = field(default=30.0, metadata={"help": "Seconds between rescans of the drop folder."})
+    quiet_period: float = field(default=60.0, metadata={"help": "Seconds unchanged before a marker-less drop counts."})
+    keep: int = field(default=3, metadata={"help": "Newest versions kept (plus live, its predecessor, v0000)."})
+    metrics_port: int | None = field(default=None, metadata={"help": "Serve Prometheus metrics on this port."})
+    metrics_addr: str = field(default="0.0.0.0", metadata={"help": "Bind address of the metrics HTTP server."})
+    probes: str | None = field(default=None, metadata={"help": "Probe texts for drops without recall_samples.jsonl."})
+    polling_observer: bool = field(default=False, metadata={"help": "Use watchdog's PollingObserver, not inotify."})
+    events: bool = field(default=True, metadata={"help": "Watch for file events (False: periodic rescan only)."})
+    after_ingest: str = field(default="delete", metadata={"help": "delete or move (to DEPLOY/ingested/) a done drop."})
+    retry_after: float = field(default=300.0, metadata={"help": "Seconds before retrying a drop deferred for space."})
+    space_factor: float = field(default=1.2, metadata={"help": "Free space needed, times the live version's size."})
+    validate_samples: int = field(default=8, metadata={"help": "Samples run through a merged model first."})
+    recall: RecallConfig = field(default_factory=RecallConfig, metadata={"help": "RECALL merge settings."})
+
+    def __post_init__(self) -> None:
+        if isinstance(self.recall, dict):
+            self.recall = RecallConfig.from_dict(self.recall)
+        if self.recall.mode != "continual":
+            raise ValueError(f"The daemon folds each drop into the deployed model: recall.mode must be 'continual', "
+                             f"got {self.recall.mode!r}.")
+        if not self.drop_dir or not self.deploy_dir:
+            raise ValueError("DaemonConfig needs both drop_dir and deploy_dir.")
+        if Path(self.drop_dir).resolve() == Path(self.deploy_dir).resolve():
+            raise ValueError(f"drop_dir and deploy_dir are the same folder ({self.drop_dir}); use two folders.")
+        if not self.poll > 0:
+            raise ValueError(f"poll must be > 0 seconds, got {self.poll}.")
+        if self.quiet_period < 0:
+            raise ValueError(f"quiet_period must be >= 0 seconds, got {self.quiet_period}.")
+        if self.keep < 1:
+            raise ValueError(f"keep must be >= 1, got {self.keep}.")
+        if self.after_ingest not in AFTER_INGEST:
+            raise ValueError(f"after_ingest must be one of {', '.join(AFTER_INGEST)}; got {self.after_ingest!r}.")
+        if self.metrics_port is not None and not 0 <= self.metrics_port < 65536:
+            raise ValueError(f"metrics_port must be a TCP port (0-65535), got {self.metrics_port}.")
+        if self.space_factor < 1.0:
+            raise ValueError(f"space_factor must be >= 1.0, got {self.space_factor}.")
+        if self.validate_samples < 1:
+            raise ValueError(f"validate_samples must be >= 1, got {self.validate_samples}.")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DaemonConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"Unknown daemon settings {unknown}; valid settings: {', '.join(sorted(known))}.")
+        return cls(**data)
+
+    @classmethod
+    def from_toml(cls, path: str | Path, **overrides: Any) -> DaemonConfig:
+        """Settings from a TOML file (top-level keys, plus a `[recall]` table), then `overrides` on top."""
+        data = read_toml(path)
+        recall = dict(data.pop("recall", {}) or {})
+        recall.update(overrides.pop("recall", {}) or {})
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        data["recall"] = recall
+        return cls.from_dict(data)
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        try:
+            import tomli as tomllib
+        except ImportError:
+            raise RuntimeError("Reading a TOML config needs Python 3.11+ or `pip install tomli`.") from None
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"Config file {path} does not exist.")
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise ValueError(f"{path} is not valid TOML ({err}).") from None

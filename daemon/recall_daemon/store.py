@@ -1,0 +1,351 @@
+"""The deploy folder (SPEC 3): immutable versions, the `current` symlink, the ledger, quarantine, status.
+
+```
+DEPLOY/
+  versions/v0000/ ...       immutable model versions (v0000 = the base); staged as vNNNN.tmp-<pid>
+  current -> versions/vNNNN the live version, switched with a temp symlink + os.replace
+  ledger.jsonl              append-only: one line per drop handled (content hash, task, version, result)
+  journal.json              the publish in flight (journal.py)
+  quarantine/<name>/        rejected drops, each with REASON.json
+  ingested/                 merged drops, when after_ingest = "move"
+  status.json  metrics.prom  daemon.lock  publish.lock
+```
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from recall_hf.checkpoint import fsync_dir, is_adapter_dir, write_json
+from recall_hf.safetensors_io import CheckpointReader
+
+from .journal import Journal
+
+logger = logging.getLogger(__name__)
+
+VERSION_RE = re.compile(r"^v(\d{4,})$")
+VERSION_INFO = "version.json"
+REASON_NAME = "REASON.json"
+TMP_MARK = ".tmp-"
+
+
+def version_number(name: str) -> int:
+    m = VERSION_RE.match(name)
+    if not m:
+        raise ValueError(f"{name!r} is not a version name; versions are named v0000, v0001, ...")
+    return int(m.group(1))
+
+
+def dir_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+def free_bytes(path: Path) -> int:
+    return shutil.disk_usage(path).free
+
+
+def now_iso() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def move_tree(src: Path, dst: Path) -> None:
+    """Move a directory to `dst` so that `dst` appears complete or not at all, across filesystems too."""
+    try:
+        os.rename(src, dst)
+        return
+    except OSError as err:
+        if err.errno != errno.EXDEV:
+            raise
+    tmp = dst.with_name(f"{dst.name}{TMP_MARK}{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp)
+    os.rename(tmp, dst)
+    fsync_dir(dst.parent)
+    shutil.rmtree(src)
+
+
+def unique_path(path: Path) -> Path:
+    if not path.exists():
+        return path
+    for i in range(2, 10_000):
+        candidate = path.with_name(f"{path.name}-{i}")
+        if not candidate.exists():
+            return candidate
+    raise RuntimeError(f"Too many entries named like {path}; clean up {path.parent}.")
+
+
+class DeployStore:
+    """Paths and atomic operations of one deploy folder. Only the daemon holding `daemon.lock` publishes."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.versions_dir = self.root / "versions"
+        self.current_link = self.root / "current"
+        self.ledger_path = self.root / "ledger.jsonl"
+        self.journal = Journal(self.root / "journal.json")
+        self.quarantine_dir = self.root / "quarantine"
+        self.ingested_dir = self.root / "ingested"
+        self.status_path = self.root / "status.json"
+        self.metrics_path = self.root / "metrics.prom"
+        self.lock_path = self.root / "daemon.lock"
+        self.publish_lock_path = self.root / "publish.lock"
+
+    def ensure_layout(self) -> None:
+        for d in (self.root, self.versions_dir, self.quarantine_dir):
+            d.mkdir(parents=True, exist_ok=True)
+
+    # -- versions ---------------------------------------------------------------------------------------------------
+    def versions(self) -> list[str]:
+        """Published version names, oldest first."""
+        if not self.versions_dir.is_dir():
+            return []
+        names = [p.name for p in self.versions_dir.iterdir() if p.is_dir() and VERSION_RE.match(p.name)]
+        return sorted(names, key=version_number)
+
+    def version_dir(self, name: str) -> Path:
+        version_number(name)
+        return self.versions_dir / name
+
+    def next_version(self) -> str:
+        versions = self.versions()
+        return f"v{version_number(versions[-1]) + 1:04d}" if versions else "v0000"
+
+    def version_info(self, name: str) -> dict:
+        path = self.version_dir(name) / VERSION_INFO
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def check_version(self, name: str) -> None:
+        """Raise ValueError unless `versions/<name>` is a complete model or adapter (cheap: headers and sizes)."""
+        path = self.version_dir(name)
+        if not path.is_dir():
+            raise ValueError(f"{path} does not exist.")
+        if is_adapter_dir(path):
+            CheckpointReader(path, stem="adapter_model")
+        elif (path / "config.json").is_file():
+            CheckpointReader(path)
+        else:
+            raise ValueError(f"{path} holds neither config.json nor adapter_config.json.")
+
+    def is_good(self, name: str) -> bool:
+        try:
+            self.check_version(name)
+            return True
+        except (ValueError, OSError) as err:
+            logger.warning("Version %s is not usable: %s", name, err)
+            return False
+
+    # -- current ----------------------------------------------------------------------------------------------------
+    def current(self) -> str | None:
+        """The version `current` points to, or None when the link is missing, dangling or not a version."""
+        try:
+            target = os.readlink(self.current_link)
+        except OSError:
+            return None
+        name = Path(target).name
+        if not VERSION_RE.match(name) or Path(target).parent.name != "versions":
+            return None
+        return name if self.version_dir(name).is_dir() else None
+
+    def resolve_current(self) -> str | None:
+        """The live version; a missing, dangling or broken `current` degrades to the newest good version."""
+        name = self.current()
+        if name is not None and self.is_good(name):
+            return name
+        for candidate in reversed(self.versions()):
+            if self.is_good(candidate):
+                logger.error("`current` is %s; degrading to the last good version %s.",
+                             "broken" if name else "missing or dangling", candidate)
+                self.switch_current(candidate)
+                return candidate
+        return None
+
+    def switch_current(self, name: str) -> None:
+        """Point `current` at `versions/<name>` atomically (a relative link, so the folder can move)."""
+        self.version_dir(name)
+        tmp = self.root / f".current{TMP_MARK}{os.getpid()}"
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        os.symlink(os.path.join("versions", name), tmp)
+        os.replace(tmp, self.current_link)
+        fsync_dir(self.root)
+
+    def parent_of(self, name: str) -> str | None:
+        """The version `name` was merged from (its predecessor), from its `version.json`."""
+        parent = self.version_info(name).get("parent")
+        return parent if isinstance(parent, str) and VERSION_RE.match(parent) else None
+
+    # -- housekeeping -----------------------------------------------------------------------------------------------
+    def stale_paths(self) -> list[Path]:
+        """Leftovers of an interrupted write: `*.tmp-*` entries in the deploy folder and its sub-folders."""
+        found = []
+        for folder in (self.root, self.versions_dir, self.quarantine_dir, self.ingested_dir):
+            if folder.is_dir():
+                found += [p for p in folder.iterdir() if TMP_MARK in p.name]
+        return sorted(found)
+
+    def remove_stale(self) -> list[Path]:
+        removed = self.stale_paths()
+        for p in removed:
+            logger.warning("Removing stale %s left by an interrupted write.", p)
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink(missing_ok=True)
+        return removed
+
+    def protected(self) -> set[str]:
+        live = self.current()
+        keep = {"v0000"}
+        if live:
+            keep.add(live)
+            parent = self.parent_of(live)
+            if parent:
+                keep.add(parent)
+        return keep
+
+    def prune(self, keep: int) -> list[str]:
+        """Delete versions beyond the newest `keep`, never the live one, its predecessor or v0000 (the base)."""
+        versions = self.versions()
+        keep_set = set(versions[-keep:]) | self.protected()
+        removed = []
+        for name in versions:
+            if name in keep_set:
+                continue
+            path = self.version_dir(name)
+            # Rename first: a crash mid-delete must leave a `*.tmp-*` leftover, never a half version.
+            doomed = path.with_name(f"{name}{TMP_MARK}{os.getpid()}.deleting")
+            os.rename(path, doomed)
+            fsync_dir(self.versions_dir)
+            shutil.rmtree(doomed)
+            removed.append(name)
+            logger.info("Pruned version %s (keeping %s)", name, ", ".join(sorted(keep_set)))
+        return removed
+
+    # -- ledger -----------------------------------------------------------------------------------------------------
+    def ledger(self) -> list[dict]:
+        """Every ledger line, oldest first; an unterminated last line (torn by a crash) is ignored."""
+        if not self.ledger_path.exists():
+            return []
+        entries = []
+        raw = self.ledger_path.read_text()
+        lines = raw.split("\n")
+        for i, line in enumerate(lines):
+            if not line.strip():
+                continue
+            try:
+                entries.append(json.loads(line))
+            except json.JSONDecodeError:
+                if i == len(lines) - 1:
+                    logger.warning("Ignoring a torn last line of %s.", self.ledger_path)
+                else:
+                    logger.error("Skipping an unreadable line %d of %s.", i + 1, self.ledger_path)
+        return entries
+
+    def repair_ledger(self) -> None:
+        """Cut a torn, unterminated last line (a crash mid-append) so the next line starts clean."""
+        if not self.ledger_path.exists():
+            return
+        data = self.ledger_path.read_bytes()
+        if data and not data.endswith(b"\n"):
+            keep = data.rfind(b"\n") + 1
+            logger.warning("Cutting a torn last line (%d bytes) off %s.", len(data) - keep, self.ledger_path)
+            with open(self.ledger_path, "r+b") as f:
+                f.truncate(keep)
+                os.fsync(f.fileno())
+
+    def append_ledger(self, entry: dict) -> dict:
+        entry = {"time": now_iso(), **entry}
+        with open(self.ledger_path, "a") as f:
+            f.write(json.dumps(entry, sort_keys=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        return entry
+
+    def merged_hashes(self) -> dict[str, dict]:
+        """Content hash -> ledger line of every drop merged so far (a drop with one of these is a no-op)."""
+        return {e["hash"]: e for e in self.ledger() if e.get("result") == "merged" and e.get("hash")}
+
+    # -- status -----------------------------------------------------------------------------------------------------
+    def read_status(self) -> dict:
+        try:
+            return json.loads(self.status_path.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def write_status(self, status: dict) -> None:
+        write_json(self.status_path, status)
+
+    # -- quarantine -------------------------------------------------------------------------------------------------
+    def quarantined(self) -> list[dict]:
+        out = []
+        if self.quarantine_dir.is_dir():
+            for p in sorted(self.quarantine_dir.iterdir()):
+                if p.is_dir() and TMP_MARK not in p.name:
+                    try:
+                        reason = json.loads((p / REASON_NAME).read_text())
+                    except (OSError, ValueError):
+                        reason = {}
+                    out.append({"name": p.name, **reason})
+        return out
+
+    # -- locks ------------------------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def publish_lock(self, timeout: float = 60.0) -> Iterator[None]:
+        """Serialises switching `current` between the daemon and `recall-hf rollback`."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.publish_lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"{self.publish_lock_path} stayed locked for {timeout:.0f}s; another "
+                                           "process is switching `current`. Try again.") from None
+                    time.sleep(0.05)
+            yield
+        finally:
+            os.close(fd)
+
+    # -- rollback ---------------------------------------------------------------------------------------------------
+    def rollback(self, to: str | None = None) -> tuple[str | None, str]:
+        """Point `current` at `to` (default: the live version's predecessor). Returns `(from, to)`."""
+        with self.publish_lock():
+            live = self.current()
+            if to is None:
+                if live is None:
+                    raise RuntimeError(f"{self.current_link} is missing; name the version with --to "
+                                       f"(available: {', '.join(self.versions()) or 'none'}).")
+                to = self.parent_of(live)
+                if to is None:
+                    older = [v for v in self.versions() if version_number(v) < version_number(live)]
+                    to = older[-1] if older else None
+                if to is None:
+                    raise RuntimeError(f"{live} has no predecessor to roll back to.")
+            if to not in self.versions():
+                raise ValueError(f"No version {to!r} in {self.versions_dir}; available: "
+                                 f"{', '.join(self.versions()) or 'none'}.")
+            self.check_version(to)
+            self.switch_current(to)
+            self.append_ledger({"event": "rollback", "result": "rollback", "from": live, "version": to})
+            status = self.read_status()
+            if status:
+                status.update(current=to, updated=now_iso())
+                self.write_status(status)
+        logger.info("Rolled back: current %s -> %s", live, to)
+        return live, to

@@ -1,0 +1,250 @@
+"""Checks before a drop is merged (RELIABILITY rule 2) and before a merged version may go live (rule 12).
+
+Each failed check raises `DropRejected(check, message)`; the worker moves the drop to `quarantine/` with the
+check's name and the message in `REASON.json`. Cheap checks run first; the full read of every tensor runs last.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import transformers
+
+from recall_hf.checkpoint import ADAPTER_CONFIG, RECALL_JSON, is_adapter_dir, read_recall_json
+from recall_hf.safetensors_io import CheckpointReader
+from recall_hf.samples import SAMPLES_NAME, read_texts
+
+logger = logging.getLogger(__name__)
+
+ADAPTER_STEM = "adapter_model"
+# The checks, in the order they run; also the `reason` label of the quarantine metric.
+CHECKS = ("layout", "recall_json", "config", "weights", "sha256", "architecture", "samples", "finite", "merge",
+          "post_merge")
+
+
+class DropRejected(Exception):
+    """A drop failed a check: it is quarantined, the deployed model stays as it is."""
+
+    def __init__(self, check: str, message: str):
+        if check not in CHECKS:
+            raise ValueError(f"Unknown check {check!r}; checks are {', '.join(CHECKS)}.")
+        super().__init__(f"{check}: {message}")
+        self.check, self.message = check, message
+
+
+@dataclass
+class DropInfo:
+    """What the checks learned about a drop and the merge needs."""
+
+    kind: str  # "full" or "adapter"
+    task: str
+    texts: list[str]
+    recall: dict = field(default_factory=dict)
+    tensors: int = 0
+
+
+def first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+@contextlib.contextmanager
+def rejecting(check: str):
+    """Turn the library's ValueError/OSError into `DropRejected(check, ...)`."""
+    try:
+        yield
+    except DropRejected:
+        raise
+    except (ValueError, OSError, KeyError, TypeError, json.JSONDecodeError) as err:
+        raise DropRejected(check, first_line(err)) from None
+
+
+def drop_kind(path: Path) -> str:
+    if is_adapter_dir(path):
+        return "adapter"
+    if (path / "config.json").is_file():
+        return "full"
+    raise DropRejected("layout", f"{path} holds neither config.json (a full model) nor {ADAPTER_CONFIG} (a PEFT "
+                       "adapter); a task checkpoint needs one of them next to its safetensors weights.")
+
+
+def open_weights(path: Path, kind: str) -> CheckpointReader:
+    with rejecting("weights"):
+        return CheckpointReader(path, stem=ADAPTER_STEM if kind == "adapter" else "model")
+
+
+def check_sha256(path: Path, recorded: dict, file_hashes: dict[str, str]) -> None:
+    """Weight hashes recorded by the producer in `recall.json` must match the files as they arrived."""
+    if not recorded:
+        return
+    if not isinstance(recorded, dict):
+        raise DropRejected("recall_json", f"{path / RECALL_JSON}: sha256 must map file names to hashes.")
+    for name, expected in sorted(recorded.items()):
+        actual = file_hashes.get(name)
+        if actual is None:
+            raise DropRejected("sha256", f"{RECALL_JSON} lists {name!r} but the drop has no such file.")
+        if actual != expected:
+            raise DropRejected("sha256", f"{name}: sha256 {actual[:16]}... but {RECALL_JSON} records "
+                               f"{str(expected)[:16]}...; the file changed or was damaged in transit.")
+
+
+def check_full_architecture(drop: Path, deployed: Path, reader: CheckpointReader) -> None:
+    from recall_hf.fusion import check_compatible
+    from recall_hf.merge import check_same_architecture, load_config
+
+    with rejecting("config"):
+        json.loads((drop / "config.json").read_text())
+        drop_cfg = load_config(drop)
+    deployed_cfg = load_config(deployed)
+    with rejecting("architecture"):
+        check_same_architecture([deployed_cfg, drop_cfg], [deployed, drop])
+        for key in ("intermediate_size", "num_attention_heads", "num_key_value_heads"):
+            a, b = getattr(deployed_cfg, key, None), getattr(drop_cfg, key, None)
+            if a != b:
+                raise ValueError(f"{drop} has {key}={b!r} but the deployed model has {a!r}.")
+        check_compatible([CheckpointReader(deployed), reader])
+
+
+def check_adapter_architecture(drop: Path, deployed: Path) -> None:
+    try:
+        from recall_hf.adapters import check_adapters, load_adapter
+    except ImportError as err:
+        raise DropRejected("layout", f"adapter drops need recall_hf.adapters ({err}).") from None
+    with rejecting("config"):
+        json.loads((drop / ADAPTER_CONFIG).read_text())
+        new = load_adapter(drop)
+    with rejecting("architecture"):
+        check_adapters([load_adapter(deployed), new], None)
+
+
+def check_finite(reader: CheckpointReader) -> int:
+    """Read every tensor in full (a file that opens but cannot be read is caught here) and check it is finite."""
+    try:
+        for name, info in reader.tensors.items():
+            try:
+                t = reader.get(name)
+            except Exception as err:  # noqa: BLE001 - safetensors raises its own error types
+                raise DropRejected("weights", f"tensor {name!r} in {info.file.name} cannot be read: "
+                                   f"{first_line(err)}") from None
+            if info.is_float:
+                bad = (~torch.isfinite(t)).sum().item()
+                if bad:
+                    raise DropRejected("finite", f"tensor {name!r} in {info.file.name} has {bad} NaN/Inf value(s) "
+                                       f"of {t.numel()}; the training run diverged or the file is corrupt.")
+        return len(reader.tensors)
+    finally:
+        reader.close()
+
+
+def drop_texts(drop: Path, fallback: str | None) -> list[str]:
+    path = drop / SAMPLES_NAME
+    if path.is_file():
+        with rejecting("samples"):
+            texts = read_texts(path)
+        if texts:
+            return texts
+        raise DropRejected("samples", f"{path} holds no texts.")
+    if fallback:
+        return read_texts(fallback)
+    raise DropRejected("samples", f"no {SAMPLES_NAME} in the drop and the daemon has no --probes; write the "
+                       "task's typical samples (recall-hf select-samples, or RecallCallback does it).")
+
+
+def verify_drop(drop: Path, deployed: Path, file_hashes: dict[str, str], probes: str | None = None) -> DropInfo:
+    """Every check a drop must pass before it may be merged into the deployed version `deployed`.
+
+    Args:
+        drop: the drop directory.
+        deployed: the live version's directory.
+        file_hashes: `{relative path: sha256}` of the drop's files (from its content hash).
+        probes: daemon-wide probe file used when the drop ships no `recall_samples.jsonl`.
+    """
+    kind = drop_kind(drop)
+    deployed_kind = "adapter" if is_adapter_dir(deployed) else "full"
+    if kind != deployed_kind:
+        raise DropRejected("architecture", f"the drop is a {kind} checkpoint but the deployed model is a "
+                           f"{deployed_kind} one; drop {'adapters' if deployed_kind == 'adapter' else 'full models'}.")
+    with rejecting("recall_json"):
+        recall = read_recall_json(drop)
+        count = recall.get("task_count", 1)
+        if not isinstance(count, int) or count < 1:
+            raise ValueError(f"{RECALL_JSON}: task_count must be a positive integer, got {count!r}.")
+    reader = open_weights(drop, kind)
+    check_sha256(drop, recall.get("sha256") or {}, file_hashes)
+    if kind == "full":
+        check_full_architecture(drop, deployed, reader)
+    else:
+        check_adapter_architecture(drop, deployed)
+    texts = drop_texts(drop, probes)
+    n = check_finite(reader)
+    task = recall.get("task") or recall.get("task_name") or drop.name
+    return DropInfo(kind, str(task), texts, recall, n)
+
+
+def forward_model(version: Path, device: str = "cpu", device_map: str | None = None):
+    """Load a version the way a server would: the class its config names (adapters: base model + PEFT)."""
+    from recall_hf.representations import quiet_transformers
+
+    with quiet_transformers():
+        if is_adapter_dir(version):
+            from peft import PeftModel
+
+            from recall_hf.adapters import load_base_model
+
+            cfg = json.loads((version / ADAPTER_CONFIG).read_text())
+            base = load_base_model(cfg["base_model_name_or_path"], cfg.get("task_type"), device)
+            return PeftModel.from_pretrained(base, str(version)).eval()
+        config = transformers.AutoConfig.from_pretrained(version)
+        arch = (config.architectures or [None])[0]
+        cls = getattr(transformers, arch, None) if arch else None
+        if cls is None:
+            causal = config.is_decoder or "CausalLM" in str(arch)
+            cls = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
+        # The stored dtype (a bf16 model validates in bf16: half the memory, the same overflow range as fp32).
+        if device_map:
+            return cls.from_pretrained(version, dtype="auto", device_map=device_map).eval()
+        return cls.from_pretrained(version, dtype="auto").to(device).eval()
+
+
+def validate_version(version: Path, texts: list[str], max_texts: int = 8, max_length: int = 256,
+                     device: str = "cpu", device_map: str | None = None) -> dict:
+    """The merged version loads, its weights are finite, and a forward pass on typical samples is finite."""
+    from recall_hf.representations import load_tokenizer
+
+    try:
+        model = forward_model(version, device, device_map)
+        tok_dir = version
+        if is_adapter_dir(version) and not (version / "tokenizer_config.json").is_file():
+            tok_dir = Path(json.loads((version / ADAPTER_CONFIG).read_text())["base_model_name_or_path"])
+        tokenizer = load_tokenizer(tok_dir)
+    except Exception as err:  # noqa: BLE001 - anything that stops a server from loading it
+        raise DropRejected("post_merge", f"the merged model does not load: {first_line(err)}") from None
+    try:
+        for name, p in model.named_parameters():
+            if not torch.isfinite(p).all():
+                raise DropRejected("post_merge", f"merged parameter {name!r} has NaN/Inf values.")
+        batch = texts[:max_texts]
+        with torch.no_grad():
+            enc = tokenizer(batch, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+            enc = enc.to(next(model.parameters()).device)
+            out = model(**enc)
+        logits = getattr(out, "logits", None)
+        if logits is None:
+            logits = out.last_hidden_state
+        mask = enc["attention_mask"].bool()
+        values = logits[mask] if logits.dim() == 3 else logits
+        if not torch.isfinite(values).all():
+            raise DropRejected("post_merge", f"a forward pass of the merged model on {len(batch)} typical samples "
+                               "gives NaN/Inf outputs; the merged weights are numerically broken.")
+        return {"texts": len(batch), "output_shape": list(logits.shape)}
+    except DropRejected:
+        raise
+    except Exception as err:  # noqa: BLE001
+        raise DropRejected("post_merge", f"a forward pass of the merged model failed: {first_line(err)}") from None
+    finally:
+        del model
