@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 
@@ -46,7 +44,8 @@ def layer_weights(
         sims: `[L+1, K, K]` per-layer similarities.
         tau: softmax temperature (> 0).
         mode: `continual` (target = newest model) or `multi` (uniform target).
-        task_counts: tasks each model carries (the count prior); `None` means all 1. Counts below 1 count as 1.
+        task_counts: tasks each model carries (the count prior); `None` means all 1. A model with count 0 gets
+            weight 0 (unless every count is 0).
         normalize_depth: rescale each model's divergence over depth before the softmax.
 
     Returns:
@@ -65,6 +64,10 @@ def layer_weights(
     if task_counts is not None:
         if len(task_counts) != n_models:
             raise ValueError(f"Got {len(task_counts)} task counts for {n_models} models.")
-        prior = torch.tensor([math.log(max(1.0, float(c))) for c in task_counts], dtype=torch.float64)
-        logits = logits + prior
+        counts = torch.tensor([float(c) for c in task_counts], dtype=torch.float64)
+        if (counts < 0).any():
+            raise ValueError(f"task_counts must be >= 0, got {task_counts}.")
+        if (counts > 0).any():
+            # A model that carries no task yet (the daemon's base v0000) gets weight 0: log 0 = -inf.
+            logits = logits + torch.log(counts)
     return torch.softmax(logits, dim=-1)

@@ -71,3 +71,11 @@ def test_target_distribution():
     assert target_distribution(3, "continual").tolist() == [0.0, 0.0, 1.0]
     with pytest.raises(ValueError):
         target_distribution(1, "continual")
+
+
+def test_model_carrying_no_task_gets_zero_weight():
+    w = layer_weights(sims_two([1.0, 0.3]), tau=0.5, task_counts=[0, 1])
+    assert torch.equal(w[:, 0], torch.zeros(2, dtype=w.dtype)) and torch.equal(w[:, 1], torch.ones(2, dtype=w.dtype))
+    assert torch.isfinite(layer_weights(sims_two([0.3]), tau=0.5, task_counts=[0, 0])).all()
+    with pytest.raises(ValueError, match=">= 0"):
+        layer_weights(sims_two([0.3]), tau=0.5, task_counts=[-1, 1])
