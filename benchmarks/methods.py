@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from recall_hf.fusion import fuse_tensor
+from recall_hf.weights import task_vector_coefficients
 
 State = dict[str, torch.Tensor]
 LayerOf = Callable[[str], int]
@@ -187,17 +188,8 @@ def layerwise_task_vectors(base: State, states: list[State], coeffs: torch.Tenso
 
 
 def recall_tv_coefficients(weights: torch.Tensor, task_counts: list[int] | None = None) -> torch.Tensor:
-    """Turn convex RECALL weights ``[L+1, K]`` into task-vector coefficients, per layer.
-
-    Each model's per-task share is ``w_k / m_k`` (``m_k`` = tasks it carries, at least 1; all 1 without the count
-    prior); the coefficients are these shares divided by the largest one: the model a layer trusts most keeps its
-    whole task vector (coefficient 1) and the others keep their relative share. Where the models agree (weights
-    proportional to the counts) this is task arithmetic with lambda 1 over all tasks; where they diverge the less
-    trusted update shrinks. Convex weights instead dilute every task vector (each task's share decays with the steps).
-    """
-    counts = torch.tensor([max(1.0, float(c)) for c in (task_counts or [1] * weights.shape[-1])], dtype=weights.dtype)
-    share = weights / counts
-    return share / share.max(dim=-1, keepdim=True).values.clamp_min(1e-12)
+    """RECALL task-vector coefficients: the library's `fusion="task_vector"` (`recall_hf.weights`)."""
+    return task_vector_coefficients(weights, task_counts)
 
 
 # ----------------------------------------------------------------------------------------------- method registry

@@ -473,6 +473,7 @@ def recall_merge_adapters(
 
     from .merge import MergeReport, compute_weights, resolve_probes, write_outputs
     from .samples import select_typical_samples
+    from .weights import task_vector_coefficients
 
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -548,8 +549,11 @@ def recall_merge_adapters(
     tensors: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}
     errors: dict[str, float] = {}
+    # LoRA factors are task vectors already: `task_vector` fusion scales them by c = (w/m)/max(w/m) instead of w.
+    # Full tensors (modules_to_save heads, saved embeddings) always take the convex weights.
+    factor_weights = task_vector_coefficients(weights, counts) if config.fusion == "task_vector" else weights
     for module in tqdm(modules, desc="Merging LoRA modules", unit="module", disable=not progress):
-        w = weights[layers[module]].tolist()
+        w = factor_weights[layers[module]].tolist()
         A, B, err = merge_module(adapters, module, w, config.max_rank)
         newest = next(ad for ad in reversed(adapters) if module in ad.modules)
         m = newest.modules[module]

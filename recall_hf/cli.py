@@ -32,6 +32,13 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
         help="do not add log(task count) of each model to the softmax logits",
     )
     p.add_argument("--normalize-depth", action="store_true", help="rescale layer divergences by their spread")
+    p.add_argument(
+        "--fusion",
+        default=defaults.fusion,
+        choices=["convex", "task_vector"],
+        help="convex: sum_k w_k theta_k (default, the paper); task_vector: base + sum_k c_k task vectors "
+        "(for task models each fine-tuned from one base; needs --base for full models)",
+    )
     p.add_argument("-k", "--k", type=int, default=defaults.k, help=f"typical samples per task (default {defaults.k})")
     p.add_argument("--seed", type=int, default=defaults.seed, help="seed for sampling and clustering")
     p.add_argument("--batch-size", type=int, default=defaults.batch_size, help="forward-pass batch size")
@@ -115,7 +122,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="comma-separated tasks each model carries (default: from each recall.json, else 1)",
     )
-    m.add_argument("--base", default=None, help="adapter merges: base model dir (default: from adapter_config.json)")
+    m.add_argument(
+        "--base",
+        default=None,
+        help="base model dir: for adapter merges (default: from adapter_config.json) and --fusion task_vector",
+    )
     m.add_argument("--max-rank", type=int, default=None, help="adapter merges: compress merged LoRA to this rank")
     _add_config_args(m)
     m.set_defaults(func=_cmd_merge)

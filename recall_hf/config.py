@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 MODES = ("continual", "multi")
+FUSIONS = ("convex", "task_vector")
 
 
 @dataclass
@@ -30,6 +31,10 @@ class RecallConfig:
             `continual`: the target is the newest (last) model; `multi`: uniform target over all models.
         task_count_prior (`bool`, *optional*, defaults to `True`):
             Add `log m_k` (tasks model k carries) to the softmax logits so old tasks keep their share.
+        fusion (`str`, *optional*, defaults to `"convex"`):
+            `convex`: `sum_k w_k theta_k` (the paper; right when each task was fine-tuned from the deployed model).
+            `task_vector`: `theta_base + sum_k c_k (theta_k - theta_base)` with `c = (w/m) / max(w/m)` per layer;
+            needs the common base model, for task models each fine-tuned from that base.
         normalize_depth (`bool`, *optional*, defaults to `False`):
             Rescale each layer's divergence by its spread across layers before the softmax.
         batch_size (`int`, *optional*, defaults to `8`):
@@ -62,6 +67,10 @@ class RecallConfig:
     tau: float = field(default=0.5, metadata={"help": "Softmax temperature of the per-layer merge weights."})
     mode: str = field(default="continual", metadata={"help": "continual (target = newest model) or multi (uniform)."})
     task_count_prior: bool = field(default=True, metadata={"help": "Add log(task count) of each model to the logits."})
+    fusion: str = field(
+        default="convex",
+        metadata={"help": "convex (sum w_k theta_k) or task_vector (base + sum c_k task vectors; needs the base)."},
+    )
     normalize_depth: bool = field(default=False, metadata={"help": "Rescale layer divergences by their spread."})
     batch_size: int = field(default=8, metadata={"help": "Batch size of the forward passes."})
     max_length: int = field(default=256, metadata={"help": "Token limit per probe text."})
@@ -82,6 +91,8 @@ class RecallConfig:
             raise ValueError(f"RecallConfig.tau must be > 0, got {self.tau}.")
         if self.mode not in MODES:
             raise ValueError(f"RecallConfig.mode must be one of {', '.join(MODES)}; got {self.mode!r}.")
+        if self.fusion not in FUSIONS:
+            raise ValueError(f"RecallConfig.fusion must be one of {', '.join(FUSIONS)}; got {self.fusion!r}.")
         if self.similarity not in SIMILARITIES:
             raise ValueError(
                 f"Unknown similarity {self.similarity!r}; choose one of: {', '.join(sorted(SIMILARITIES))}."

@@ -31,7 +31,7 @@ from .representations import load_tokenizer, model_representations
 from .safetensors_io import CheckpointReader
 from .samples import SAMPLES_NAME, read_texts, select_typical_samples
 from .similarity import layer_similarities
-from .weights import layer_weights
+from .weights import layer_weights, task_vector_coefficients
 
 logger = logging.getLogger(__name__)
 
@@ -158,7 +158,8 @@ def recall_merge(
         out_dir: where the merged model goes; must not exist (or be empty). Written atomically.
         config: RECALL settings; defaults to `RecallConfig()`.
         task_counts: tasks each model carries, overriding their `recall.json` (`task_count`, default 1).
-        base: base model directory for adapter merges (default: `base_model_name_or_path` of the adapters).
+        base: the common base model: for adapter merges (default: `base_model_name_or_path` of the adapters) and
+            for `fusion="task_vector"` of full models.
 
     Returns:
         The `MergeReport`, also saved as `recall_report.json` with a plot `recall_weights.png`.
@@ -179,8 +180,20 @@ def recall_merge(
         from .adapters import recall_merge_adapters
 
         return recall_merge_adapters(dirs, probes, out_dir, config, task_counts, base, progress)
-    if base is not None:
-        raise ValueError("--base is only for adapter merges; for full models list the base among the models.")
+    task_vector = config.fusion == "task_vector"
+    if base is not None and not task_vector:
+        raise ValueError(
+            "--base is for adapter merges and --fusion task_vector; with convex fusion of full models "
+            "list the base among the models."
+        )
+    if task_vector and base is None:
+        raise ValueError(
+            "Fusion task_vector needs the common base model the task models were fine-tuned from: "
+            "pass base=DIR (--base DIR)."
+        )
+    base_dir = Path(base) if base is not None else None
+    if base_dir is not None and not base_dir.is_dir():
+        raise ValueError(f"Base model directory {base_dir} does not exist.")
 
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -188,6 +201,9 @@ def recall_merge(
     configs = [load_config(d) for d in dirs]
     check_same_architecture(configs, dirs)
     readers = [CheckpointReader(d) for d in dirs]
+    if base_dir is not None:
+        check_same_architecture([load_config(base_dir), configs[-1]], [base_dir, dirs[-1]])
+        readers.insert(0, CheckpointReader(base_dir))
     check_compatible(readers)
     layer_map = LayerMap.from_config(configs[-1])
     for name in readers[-1].tensors:
@@ -219,8 +235,14 @@ def recall_merge(
     if weights.shape[0] != layer_map.num_layers + 1:
         raise RuntimeError(f"Got {weights.shape[0]} hidden-state layers, expected {layer_map.num_layers + 1}.")
 
+    fusion_weights = weights
+    if task_vector:
+        coefficients = task_vector_coefficients(weights, counts)
+        # theta = (1 - sum_k c_k) theta_base + sum_k c_k theta_k: the base enters as an extra model.
+        fusion_weights = torch.cat([1.0 - coefficients.sum(-1, keepdim=True), coefficients], dim=-1)
+
     t = time.perf_counter()
-    hashes = {str(d): weight_hashes(d) for d in dirs}
+    hashes = {str(d): weight_hashes(d) for d in ([base_dir] if base_dir else []) + dirs}
     timings["hash_inputs"] = time.perf_counter() - t
 
     report = MergeReport(
@@ -239,8 +261,11 @@ def recall_merge(
     with staged_dir(out_dir) as stage:
         t = time.perf_counter()
         report.stats = fuse_checkpoints(
-            readers, layer_map, weights.float(), stage, config.dtype, config.max_shard_size, progress
+            readers, layer_map, fusion_weights.float(), stage, config.dtype, config.max_shard_size, progress
         )
+        if task_vector:
+            report.stats["base"] = str(base_dir)
+            report.stats["task_vector_coefficients"] = coefficients.tolist()
         timings["fusion"] = time.perf_counter() - t
         copy_aux_files(dirs[-1], stage)
         if config.dtype:

@@ -71,3 +71,24 @@ def layer_weights(
             # A model that carries no task yet (the daemon's base v0000) gets weight 0: log 0 = -inf.
             logits = logits + torch.log(counts)
     return torch.softmax(logits, dim=-1)
+
+
+def task_vector_coefficients(weights: torch.Tensor, task_counts: list[float] | None = None) -> torch.Tensor:
+    """Turn convex RECALL weights `[L+1, K]` into per-layer task-vector coefficients (fusion `task_vector`).
+
+    Each model's per-task share is `w_k / m_k` (`m_k` = tasks it carries, at least 1); dividing by the largest
+    share gives coefficients in (0, 1]: the model a layer trusts most keeps its whole task vector and the others
+    keep their relative share. Where the models agree this is task arithmetic with lambda 1 over every task; where
+    they diverge the less trusted update shrinks. Convex weights instead dilute every task vector by the step count,
+    which is only right when the models were fine-tuned one from another (the chain protocol).
+
+    The merged parameter is `theta_base + sum_k c_k (theta_k - theta_base)`.
+    """
+    if weights.ndim != 2:
+        raise ValueError(f"weights must have shape [L+1, K], got {tuple(weights.shape)}.")
+    n_models = weights.shape[-1]
+    counts = task_counts if task_counts is not None else [1.0] * n_models
+    if len(counts) != n_models:
+        raise ValueError(f"Got {len(counts)} task counts for {n_models} models.")
+    share = weights / torch.tensor([max(1.0, float(c)) for c in counts], dtype=weights.dtype)
+    return share / share.max(dim=-1, keepdim=True).values.clamp_min(1e-12)

@@ -189,3 +189,29 @@ def test_multi_mode_three_models(model_pair, tmp_path):
     assert torch.allclose(w[0], torch.full((3,), 1 / 3, dtype=w.dtype), atol=1e-6)
     assert w[4, 1] == pytest.approx(w[4, 2]) and w[4, 1] > w[4, 0]
     shutil.rmtree(tmp_path / "out")
+
+
+def test_task_vector_fusion_equals_base_plus_scaled_task_vectors(model_pair, tmp_path):
+    from conftest import perturb
+
+    base, b = model_pair["llama"]
+    model = model_class(base).from_pretrained(base)
+    perturb(model, "layers.1.", scale=0.3, seed=7)
+    c = tmp_path / "c"
+    model.save_pretrained(c)
+    transformers.AutoTokenizer.from_pretrained(base).save_pretrained(c)
+    config = RecallConfig(fusion="task_vector")
+    with pytest.raises(ValueError, match="base"):
+        recall_merge([b, c], PROBES, tmp_path / "no_base", config, progress=False)
+    assert not (tmp_path / "no_base").exists()
+    report = recall_merge([b, c], PROBES, tmp_path / "out", config, base=base, progress=False)
+    coef = torch.tensor(report.stats["task_vector_coefficients"])
+    assert torch.allclose(coef.max(-1).values, torch.ones(len(coef), dtype=coef.dtype))
+    s0, sb, sc, so = state(base), state(b), state(c), state(tmp_path / "out")
+    layer_map = LayerMap.from_pretrained(b)
+    for name, t in so.items():
+        layer = layer_map.layer_of(name)
+        ref = s0[name].double() + coef[layer, 0] * (sb[name] - s0[name]) + coef[layer, 1] * (sc[name] - s0[name])
+        assert torch.allclose(t.double(), ref, atol=1e-5), name
+    # Both task vectors survive whole where the models agree, unlike a convex average that halves them.
+    assert torch.allclose(so["model.layers.1.mlp.up_proj.weight"], sc["model.layers.1.mlp.up_proj.weight"], atol=1e-5)

@@ -79,3 +79,16 @@ def test_model_carrying_no_task_gets_zero_weight():
     assert torch.isfinite(layer_weights(sims_two([0.3]), tau=0.5, task_counts=[0, 0])).all()
     with pytest.raises(ValueError, match=">= 0"):
         layer_weights(sims_two([0.3]), tau=0.5, task_counts=[-1, 1])
+
+
+def test_task_vector_coefficients():
+    from recall_hf.weights import task_vector_coefficients
+
+    w = torch.tensor([[0.75, 0.25], [0.5, 0.5]], dtype=torch.float64)
+    c = task_vector_coefficients(w, [3, 1])
+    # Layer 0 agrees (weights proportional to counts): task arithmetic with lambda 1 for every task.
+    assert c[0].tolist() == pytest.approx([1.0, 1.0])
+    # Layer 1 leans to the new model: it keeps its whole task vector, the deployed model 1/3 of its share.
+    assert c[1].tolist() == pytest.approx([1 / 3, 1.0])
+    with pytest.raises(ValueError, match="task counts"):
+        task_vector_coefficients(w, [1, 1, 1])
