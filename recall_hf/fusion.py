@@ -14,27 +14,50 @@ from .safetensors_io import DTYPE_NAMES, DTYPES, CheckpointReader, StreamingWrit
 logger = logging.getLogger(__name__)
 
 
-def fuse_tensor(tensors: list[torch.Tensor], weights: torch.Tensor, name: str = "tensor") -> torch.Tensor:
+def _accumulate(out: torch.Tensor, t: torch.Tensor, w: float, first: bool) -> None:
+    """`out = w * t` (first) or `out += w * t`, in fp32, without temporaries for fp32 inputs."""
+    if not first:
+        out.add_(t, alpha=w)
+    elif t.dtype == torch.float32:
+        torch.mul(t, w, out=out)
+    else:
+        out.copy_(t).mul_(w)
+
+
+def _check_finite(out: torch.Tensor, name: str) -> None:
+    # The sum is one pass with no temporaries; the exact (4-temporary) isfinite test runs only if it overflows.
+    if not torch.isfinite(out.sum()) and not torch.isfinite(out).all():
+        raise ValueError(f"Merged tensor {name!r} has NaN/Inf values; check the input models' weights.")
+
+
+def fuse_tensor(
+    tensors: list[torch.Tensor], weights: torch.Tensor, name: str = "tensor", out: torch.Tensor | None = None
+) -> torch.Tensor:
     """Weighted sum of same-shaped tensors accumulated in fp32; raises on NaN/Inf naming the tensor.
 
     Args:
         tensors: one tensor per model (any float dtype).
         weights: `[K]` weights (convex in RECALL, but any real weights are accepted).
         name: the parameter's name, used in errors.
+        out: optional fp32 tensor of the same shape to write into (reused scratch memory).
 
     Returns:
         The fp32 fused tensor (the caller casts it to the stored dtype).
     """
     if len(tensors) != len(weights):
         raise ValueError(f"{name}: {len(tensors)} tensors but {len(weights)} weights.")
-    out = torch.zeros(tensors[0].shape, dtype=torch.float32)
+    if out is None:
+        out = torch.empty(tensors[0].shape, dtype=torch.float32)
+    first = True
     for t, w in zip(tensors, weights.tolist()):
         if t.shape != out.shape:
             raise ValueError(f"{name}: shape {tuple(t.shape)} differs from {tuple(out.shape)}.")
         if w != 0.0:
-            out.add_(t.to(torch.float32), alpha=w)
-    if not torch.isfinite(out).all():
-        raise ValueError(f"Merged tensor {name!r} has NaN/Inf values; check the input models' weights.")
+            _accumulate(out, t, w, first)
+            first = False
+    if first:
+        out.zero_()
+    _check_finite(out, name)
     return out
 
 
@@ -88,12 +111,25 @@ def fuse_checkpoints(
     layers = {i.name: layer_map.layer_of(i.name) for i in infos}  # validates every name before any write
     dtypes = output_dtypes(newest, dtype)
     writer = StreamingWriter(out_dir, infos, dtypes, max_shard_size)
+    scratch = torch.empty(max((i.numel for i in infos if i.is_float), default=0), dtype=torch.float32)
+    buf = torch.empty(max((r.tensors[i.name].nbytes for r in readers for i in infos if i.is_float), default=0),
+                      dtype=torch.uint8)
     fused = copied = 0
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     try:
         for info in tqdm(infos, desc="Fusing tensors", unit="tensor", disable=not progress):
             if info.is_float:
-                tensors = [r.get(info.name) for r in readers]
-                out = fuse_tensor(tensors, weights[layers[info.name]], info.name).to(DTYPES[dtypes[info.name]])
+                out = scratch[: info.numel].view(info.shape)
+                first = True
+                for r, w in zip(readers, weights[layers[info.name]].tolist()):
+                    if w != 0.0:
+                        _accumulate(out, r.read_into(info.name, buf), w, first)
+                        first = False
+                if first:
+                    out.zero_()
+                _check_finite(out, info.name)
+                out = out.to(DTYPES[dtypes[info.name]])
                 fused += 1
             else:
                 out = newest.get(info.name)
@@ -104,6 +140,7 @@ def fuse_checkpoints(
         writer.abort()
         raise
     finally:
+        torch.set_num_threads(threads)
         for r in readers:
             r.close()
     return {"tensors": len(infos), "fused": fused, "copied": copied, "bytes": writer.bytes_written}

@@ -42,6 +42,14 @@ class TensorInfo:
     dtype: str
     shape: tuple[int, ...]
     file: Path
+    offset: int = 0  # absolute position of the tensor's first byte in `file`
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
 
     @property
     def nbytes(self) -> int:
@@ -105,16 +113,21 @@ class CheckpointReader:
         self.files = weight_files(self.dir, stem)
         self.tensors: dict[str, TensorInfo] = {}
         for file in self.files:
-            for name, meta in read_header(file).items():
+            header = read_header(file)
+            with open(file, "rb") as f:
+                start = 8 + struct.unpack("<Q", f.read(8))[0]
+            for name, meta in header.items():
                 if name in self.tensors:
                     raise ValueError(f"Tensor {name!r} appears in two shards of {self.dir}.")
-                self.tensors[name] = TensorInfo(name, meta["dtype"], tuple(meta["shape"]), file)
+                offset = start + int(meta["data_offsets"][0])
+                self.tensors[name] = TensorInfo(name, meta["dtype"], tuple(meta["shape"]), file, offset)
         index = self.dir / f"{stem}{INDEX_SUFFIX}"
         if index.exists():
             indexed = set(json.loads(index.read_text())["weight_map"])
             if indexed != set(self.tensors):
                 raise ValueError(f"{index} does not match its shards' tensors; the checkpoint is inconsistent.")
         self._handles: dict[Path, object] = {}
+        self._files: dict[Path, object] = {}
 
     def get(self, name: str) -> torch.Tensor:
         info = self.tensors[name]
@@ -123,8 +136,31 @@ class CheckpointReader:
             handle = self._handles[info.file] = safe_open(str(info.file), framework="pt")
         return handle.get_tensor(name)
 
+    def read_into(self, name: str, buf: torch.Tensor) -> torch.Tensor:
+        """Read a tensor into the front of the uint8 tensor `buf` and return a view of it (valid until `buf` is
+        reused). Plain reads, no mmap: memory stays at one buffer, no page-cache pages stay mapped."""
+        info = self.tensors[name]
+        n = info.nbytes
+        if buf.dtype != torch.uint8 or buf.numel() < n:
+            raise ValueError(f"read_into({name!r}) needs a uint8 buffer of at least {n} bytes.")
+        f = self._files.get(info.file)
+        if f is None:
+            f = self._files[info.file] = open(info.file, "rb", buffering=0)
+        view = memoryview(buf.numpy())[:n]
+        f.seek(info.offset)
+        done = 0
+        while done < n:
+            got = f.readinto(view[done:])
+            if not got:
+                raise ValueError(f"{info.file} ended while reading {name!r}; re-copy the file.")
+            done += got
+        return buf[:n].view(DTYPES[info.dtype]).view(info.shape)
+
     def close(self) -> None:
         self._handles.clear()
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
 
 
 def plan_shards(infos: list[TensorInfo], max_shard_size: int) -> list[list[TensorInfo]]:
