@@ -53,6 +53,9 @@ def _add_daemon_args(p: argparse.ArgumentParser) -> None:
                    help="do not weight models by the tasks they carry")
     g.add_argument("--normalize-depth", dest="normalize_depth", **_const(True),
                    help="rescale layer divergences by their spread")
+    g.add_argument("--fusion", default=None, choices=["convex", "task_vector"],
+                   help="convex (default; drops fine-tuned from the live model) or task_vector (drops fine-tuned "
+                   "from the base v0000: base + RECALL-scaled task vectors)")
     g.add_argument("--seed", type=int, default=None, help="seed for sampling and clustering")
     g.add_argument("--batch-size", type=int, default=None, help="forward-pass batch size")
     g.add_argument("--max-length", type=int, default=None, help="token limit per probe text")
@@ -63,8 +66,8 @@ def _add_daemon_args(p: argparse.ArgumentParser) -> None:
 
 DAEMON_KEYS = ("drop_dir", "deploy_dir", "base", "poll", "quiet_period", "keep", "metrics_port", "probes",
                "polling_observer", "events", "after_ingest", "retry_after")
-RECALL_KEYS = ("tau", "similarity", "k", "task_count_prior", "normalize_depth", "seed", "batch_size", "max_length",
-               "dtype", "device", "device_map")
+RECALL_KEYS = ("tau", "similarity", "k", "task_count_prior", "normalize_depth", "fusion", "seed", "batch_size",
+               "max_length", "dtype", "device", "device_map")
 
 
 def build_config(args: argparse.Namespace):

@@ -28,7 +28,15 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from recall_hf.checkpoint import NOT_COPIED, RECALL_JSON, fsync_dir, fsync_tree, weight_hashes, write_json
+from recall_hf.checkpoint import (
+    NOT_COPIED,
+    RECALL_JSON,
+    fsync_dir,
+    fsync_tree,
+    is_adapter_dir,
+    weight_hashes,
+    write_json,
+)
 from recall_hf.merge import recall_merge
 from recall_hf.samples import read_texts
 
@@ -328,8 +336,12 @@ class Worker:
         shutil.rmtree(stage, ignore_errors=True)
         stage.mkdir()
         work = stage / "merged"
+        # Task-vector fusion measures every task vector from the base (v0000): only for drops fine-tuned from it.
+        base = self.store.version_dir("v0000") if self.config.recall.fusion == "task_vector" else None
+        if base is not None and is_adapter_dir(drop):
+            base = None  # adapter merges take their base from adapter_config.json
         report = recall_merge([self.store.version_dir(parent), drop], info.texts, work, self.config.recall,
-                              progress=False)
+                              base=base, progress=False)
         for p in work.iterdir():
             os.rename(p, stage / p.name)
         work.rmdir()

@@ -9,7 +9,7 @@ import time
 
 import pytest
 import torch
-from daemon_helpers import SAMPLES, assert_consistent
+from daemon_helpers import SAMPLES, assert_consistent, make_drop
 from safetensors.torch import load_file
 
 from recall_daemon import cli
@@ -245,3 +245,24 @@ def test_help(argv, capsys):
         cli.main(argv)
     assert exc.value.code == 0
     assert "usage" in capsys.readouterr().out
+
+
+def test_task_vector_fusion_measures_task_vectors_from_the_base(deployment):
+    from recall_hf.config import RecallConfig
+
+    dep = deployment
+    dep.add("alpha", seed=1)
+    dep.add("beta", seed=2)
+    assert dep.run_once(recall=RecallConfig(fusion="task_vector")) == 0
+    store = dep.store
+    report = json.loads((store.version_dir("v0002") / "recall_report.json").read_text())
+    assert report["stats"]["base"] == str(store.version_dir("v0000"))
+    coef = torch.tensor(report["stats"]["task_vector_coefficients"])
+    base = load_file(store.version_dir("v0000") / "model.safetensors")
+    v1 = load_file(store.version_dir("v0001") / "model.safetensors")
+    v2 = load_file(store.version_dir("v0002") / "model.safetensors")
+    drop_b = load_file(make_drop(dep.root / "ref", "beta", dep.base, seed=2) / "model.safetensors")  # same seed
+    name = "model.embed_tokens.weight"  # layer 0
+    expected = base[name] + coef[0, 0] * (v1[name] - base[name]) + coef[0, 1] * (drop_b[name] - base[name])
+    assert torch.allclose(v2[name], expected, atol=1e-5)
+    assert_consistent(dep, merged=["alpha", "beta"])

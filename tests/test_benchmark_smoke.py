@@ -1,0 +1,27 @@
+"""The continual benchmark's quick size, end to end (real MiniLM weights and real data from the registries).
+
+It checks the pipeline runs and writes its table, results and plots; it asserts no accuracy threshold.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_quick_benchmark_writes_table_and_results(tmp_path):
+    cmd = [sys.executable, "-m", "benchmarks.continual", "--quick", "--out-root", str(tmp_path), "--run-name", "ci",
+           "--no-progress"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = tmp_path / "ci"
+    results = json.loads((out / "results.json").read_text())
+    table = (out / "results.md").read_text()
+    assert "| method | protocol |" in table and "seqft" in table and "recall" in table
+    methods = {row["method"] for row in results["summary"]}
+    assert {"seqft"} <= methods and any(m.startswith("recall") for m in methods), methods
+    assert list(out.glob("*.png")), "plots missing"
