@@ -94,11 +94,13 @@ def fuse_checkpoints(
     dtype: str | None = None,
     max_shard_size: int = 5_000_000_000,
     progress: bool = True,
+    chunk_elements: int = 4 * 1024 * 1024,
 ) -> dict[str, int]:
     """Stream-fuse the models' tensors into `out_dir` (an existing staging dir).
 
     Float tensors are fused with their layer's weights; non-float tensors (counters, ids) are copied from the
-    newest (last) model. Peak memory is about one tensor per input model.
+    newest (last) model. Tensors are read with plain reads (no mmap) and fused in flat chunks of `chunk_elements`,
+    so peak memory is a few chunk-sized buffers whatever the number or size of the models.
 
     Returns:
         Counts: `{"tensors": ..., "fused": ..., "copied": ..., "bytes": ...}`.
@@ -111,25 +113,32 @@ def fuse_checkpoints(
     layers = {i.name: layer_map.layer_of(i.name) for i in infos}  # validates every name before any write
     dtypes = output_dtypes(newest, dtype)
     writer = StreamingWriter(out_dir, infos, dtypes, max_shard_size)
-    scratch = torch.empty(max((i.numel for i in infos if i.is_float), default=0), dtype=torch.float32)
-    buf = torch.empty(max((r.tensors[i.name].nbytes for r in readers for i in infos if i.is_float), default=0),
-                      dtype=torch.uint8)
+    largest = max((i.numel for i in infos if i.is_float), default=0)
+    chunk = max(1, min(largest, chunk_elements))
+    scratch = torch.empty(chunk, dtype=torch.float32)
+    buf = torch.empty(chunk * 8, dtype=torch.uint8)  # room for `chunk` elements of any dtype up to 8 bytes
     fused = copied = 0
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(1)  # memory-bound: one thread is as fast and does not stall on a busy machine
+
+    def fused_chunks(info, row):
+        # Large tensors (embeddings) go in flat chunks so memory stays at one chunk, not one tensor.
+        for start in range(0, info.numel, chunk):
+            count = min(chunk, info.numel - start)
+            out, first = scratch[:count], True
+            for r, w in zip(readers, row):
+                if w != 0.0:
+                    _accumulate(out, r.read_into(info.name, buf, start, count), w, first)
+                    first = False
+            if first:
+                out.zero_()
+            _check_finite(out, info.name)
+            yield out.to(DTYPES[dtypes[info.name]])
+
     try:
         for info in tqdm(infos, desc="Fusing tensors", unit="tensor", disable=not progress):
             if info.is_float:
-                out = scratch[: info.numel].view(info.shape)
-                first = True
-                for r, w in zip(readers, weights[layers[info.name]].tolist()):
-                    if w != 0.0:
-                        _accumulate(out, r.read_into(info.name, buf), w, first)
-                        first = False
-                if first:
-                    out.zero_()
-                _check_finite(out, info.name)
-                out = out.to(DTYPES[dtypes[info.name]])
+                out = fused_chunks(info, weights[layers[info.name]].tolist())
                 fused += 1
             else:
                 out = newest.get(info.name)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -136,25 +136,32 @@ class CheckpointReader:
             handle = self._handles[info.file] = safe_open(str(info.file), framework="pt")
         return handle.get_tensor(name)
 
-    def read_into(self, name: str, buf: torch.Tensor) -> torch.Tensor:
-        """Read a tensor into the front of the uint8 tensor `buf` and return a view of it (valid until `buf` is
-        reused). Plain reads, no mmap: memory stays at one buffer, no page-cache pages stay mapped."""
+    def read_into(self, name: str, buf: torch.Tensor, start: int = 0, count: int | None = None) -> torch.Tensor:
+        """Read elements `[start, start + count)` of a tensor (all by default) into the front of the uint8 tensor
+        `buf`; returns a view of it (valid until `buf` is reused): the full shape for a whole tensor, else flat.
+        Plain reads, no mmap: memory stays at one buffer, no page-cache pages stay mapped."""
         info = self.tensors[name]
-        n = info.nbytes
+        whole = start == 0 and count is None
+        count = info.numel - start if count is None else count
+        elem = DTYPES[info.dtype].itemsize
+        n = count * elem
         if buf.dtype != torch.uint8 or buf.numel() < n:
             raise ValueError(f"read_into({name!r}) needs a uint8 buffer of at least {n} bytes.")
+        if start < 0 or start + count > info.numel:
+            raise ValueError(f"read_into({name!r}): elements [{start}, {start + count}) outside {info.numel}.")
         f = self._files.get(info.file)
         if f is None:
             f = self._files[info.file] = open(info.file, "rb", buffering=0)
         view = memoryview(buf.numpy())[:n]
-        f.seek(info.offset)
+        f.seek(info.offset + start * elem)
         done = 0
         while done < n:
             got = f.readinto(view[done:])
             if not got:
                 raise ValueError(f"{info.file} ended while reading {name!r}; re-copy the file.")
             done += got
-        return buf[:n].view(DTYPES[info.dtype]).view(info.shape)
+        flat = buf[:n].view(DTYPES[info.dtype])
+        return flat.view(info.shape) if whole else flat
 
     def close(self) -> None:
         self._handles.clear()
@@ -231,22 +238,33 @@ class StreamingWriter:
         self._shard = -1
         self.bytes_written = 0
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
+    def write(self, name: str, tensor: torch.Tensor | Iterable[torch.Tensor]) -> None:
+        """Write the next tensor: a whole tensor, or an iterable of flat chunks that together make it (in order)."""
         shard, info = next(self.order)
         if info.name != name:
             raise RuntimeError(f"StreamingWriter expected tensor {info.name!r} next, got {name!r}.")
-        if tuple(tensor.shape) != info.shape or DTYPE_NAMES.get(tensor.dtype) != self.dtypes[name]:
-            raise RuntimeError(
-                f"Tensor {name!r} is {tensor.dtype}{tuple(tensor.shape)}, planned {self.dtypes[name]}{info.shape}."
-            )
+        planned = TensorInfo(name, self.dtypes[name], info.shape, info.file)
+        if isinstance(tensor, torch.Tensor):
+            if tuple(tensor.shape) != info.shape:
+                raise RuntimeError(f"Tensor {name!r} has shape {tuple(tensor.shape)}, planned {info.shape}.")
+            chunks: Iterable[torch.Tensor] = (tensor,)
+        else:
+            chunks = tensor
         if shard != self._shard:
             self._close_file()
             self._shard = shard
             self._file = open(self.out_dir / self.names[shard], "wb")
             self._file.write(_encode_header(self.shards[shard]))
-        data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
-        self._file.write(memoryview(data))
-        self.bytes_written += data.nbytes
+        written = 0
+        for chunk in chunks:
+            if DTYPE_NAMES.get(chunk.dtype) != self.dtypes[name]:
+                raise RuntimeError(f"Tensor {name!r} is {chunk.dtype}, planned {self.dtypes[name]}.")
+            data = chunk.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+            self._file.write(memoryview(data))
+            written += data.nbytes
+        if written != planned.nbytes:
+            raise RuntimeError(f"Tensor {name!r}: wrote {written} bytes, planned {planned.nbytes}.")
+        self.bytes_written += written
 
     def _close_file(self) -> None:
         if self._file is not None:
