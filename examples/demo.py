@@ -197,13 +197,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=16, help="training batch size")
     p.add_argument("--warmup-steps", type=int, default=300, help="tiny model only: language-model warm-up steps")
     p.add_argument("--tau", type=float, default=None, help="RECALL temperature (default: RecallConfig's)")
+    p.add_argument("--from", dest="start", default="current", choices=["current", "base"],
+                   help="fine-tune each task from the live model (current; the daemon merges convexly) or from the "
+                   "base v0000 (the daemon then uses --fusion task_vector)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     tiny = args.model == "tiny"
     args.train_n = args.train_n or (512 if tiny else 256)
     args.test_n = args.test_n or (200 if tiny else 100)
-    args.epochs = args.epochs or (3 if tiny else 1)
-    args.lr = args.lr or (2e-3 if tiny else 3e-5)
+    args.epochs = args.epochs or (4 if tiny else 1)
+    args.lr = args.lr or (1e-3 if tiny else 3e-5)
     torch.manual_seed(args.seed)
 
     workdir = Path(args.workdir)
@@ -212,11 +215,12 @@ def main(argv: list[str] | None = None) -> int:
     drop.mkdir(parents=True)
     t0 = time.time()
     base, tasks = (tiny_setup if tiny else smollm2_setup)(workdir, args)
-    config = RecallConfig() if args.tau is None else RecallConfig(tau=args.tau)
+    fusion = "task_vector" if args.start == "base" else "convex"
+    config = RecallConfig(fusion=fusion) if args.tau is None else RecallConfig(tau=args.tau, fusion=fusion)
 
     log = workdir / "daemon.log"
     cmd = [sys.executable, "-m", "recall_hf.cli", "daemon", "--drop", str(drop), "--deploy", str(deploy),
-           "--base", str(base), "--poll", "2", "--tau", str(config.tau)]
+           "--base", str(base), "--poll", "2", "--tau", str(config.tau), "--fusion", fusion]
     print(f"Starting the daemon: {' '.join(cmd[2:])}  (log: {log})")
     with open(log, "w") as log_file:
         daemon = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT)
@@ -226,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         acc = {"RECALL (daemon)": [], "sequential FT": []}
         for step, task in enumerate(tasks, 1):
             print(f"\n== Task {step}/{len(tasks)}: {task.name} ==")
-            model, tok = load(deploy / "current")
+            model, tok = load(deploy / "current" if args.start == "current" else deploy / "versions" / "v0000")
             callback = RecallCallback(drop_dir=drop, task_name=task.name, config=config, save_to_output_dir=False)
             train(model, tok, task, workdir / "train" / f"recall-{task.name}", args, [callback])
             print(f"Checkpoint dropped; waiting for the daemon to publish v{step:04d} ...")
