@@ -7,7 +7,7 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 RECALL_JSON = "recall.json"
@@ -95,21 +95,30 @@ def check_output_dir(out_dir: Path) -> None:
 
 
 @contextlib.contextmanager
-def staged_dir(final: str | Path) -> Iterator[Path]:
+def staged_dir(
+    final: str | Path, hidden: bool = False, seal: Callable[[Path], None] | None = None
+) -> Iterator[Path]:
     """Build a directory at `<final>.tmp-<pid>` and rename it to `final` only if the block succeeds.
 
     On any error the staging directory is removed and `final` is left as it was (absent). The files are fsynced
     before the rename and the parent after it, so a crash leaves either nothing or the complete directory.
+
+    Args:
+        final: the directory to create (must not exist, or be empty).
+        hidden: name the stage `.<final>.tmp-<pid>`, so a watcher of the parent never takes it for a drop.
+        seal: called on the stage after its files are fsynced and before the rename (e.g. to write `READY` last).
     """
     final = Path(final)
     check_output_dir(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    stage = final.with_name(f"{final.name}.tmp-{os.getpid()}")
+    stage = final.with_name(f"{'.' if hidden else ''}{final.name}.tmp-{os.getpid()}")
     shutil.rmtree(stage, ignore_errors=True)
     stage.mkdir()
     try:
         yield stage
         fsync_tree(stage)
+        if seal is not None:
+            seal(stage)
         if final.exists():
             final.rmdir()  # empty (checked above)
         os.rename(stage, final)

@@ -163,8 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def run_parsed(args: argparse.Namespace, prog: str) -> int:
+    """Run a parsed subcommand: bad input becomes a one-line error and exit code 2 (`-v` shows the traceback)."""
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -174,11 +174,15 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, RuntimeError, OSError) as err:
         if args.verbose:
             raise
-        print(f"recall-hf {args.command}: error: {err}", file=sys.stderr)
+        print(f"{prog} {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_parsed(build_parser().parse_args(argv), "recall-hf")
 
 
 if __name__ == "__main__":

@@ -7,13 +7,11 @@ dot-prefixed `.<name>.tmp-<pid>` directory, which watchers ignore.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
 import shutil
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -24,12 +22,11 @@ from .checkpoint import (
     NOT_COPIED,
     READY,
     RECALL_JSON,
-    check_output_dir,
     fsync_dir,
-    fsync_tree,
     is_adapter_dir,
     is_weight_file,
     read_recall_json,
+    staged_dir,
     weight_hashes,
     write_json,
 )
@@ -47,36 +44,24 @@ RESERVED_KEYS = (
 TRAINER_STATE_FILES = ("training_args.bin", "trainer_state.json", "optimizer.pt", "scheduler.pt", "scaler.pt")
 
 
-@contextlib.contextmanager
-def staged_task_dir(final: str | Path) -> Iterator[Path]:
+def write_ready(stage: Path) -> None:
+    """Create the empty `READY` marker, durably, once every other file of the stage is complete and fsynced."""
+    if (stage / READY).exists():
+        raise RuntimeError(f"{stage / READY} was written before the checkpoint was complete.")
+    with open(stage / READY, "wb") as f:
+        os.fsync(f.fileno())
+    fsync_dir(stage)
+
+
+def staged_task_dir(final: str | Path):
     """Build a directory at `.<name>.tmp-<pid>` beside `final`; on success write `READY` last and rename into place.
 
     Order: the block writes every file; all files are fsynced; the empty `READY` is created and fsynced; the
     staging directory is renamed to `final` and the parent fsynced. On any error the staging directory is removed
-    and `final` is left absent.
+    and `final` is left absent. Dot-prefixed so a watcher of the parent (a drop folder) never takes the stage for a
+    drop.
     """
-    final = Path(final)
-    check_output_dir(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    # Dot-prefixed so a watcher of the parent (the daemon's drop folder) never takes the stage for a drop.
-    stage = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-    shutil.rmtree(stage, ignore_errors=True)
-    stage.mkdir()
-    try:
-        yield stage
-        if (stage / READY).exists():
-            raise RuntimeError(f"{stage / READY} was written before the checkpoint was complete.")
-        fsync_tree(stage)
-        with open(stage / READY, "wb") as f:
-            os.fsync(f.fileno())
-        fsync_dir(stage)
-        if final.exists():
-            final.rmdir()  # empty (checked above)
-        os.rename(stage, final)
-        fsync_dir(final.parent)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
+    return staged_dir(final, hidden=True, seal=write_ready)
 
 
 def unique_drop_path(drop_dir: str | Path, task_name: str) -> Path:

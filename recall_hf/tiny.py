@@ -38,28 +38,21 @@ def word_tokenizer(texts: list[str] | None = None, vocab_size: int = 512) -> tra
 def tiny_config(arch: str, vocab_size: int, hidden: int = 32, layers: int = 4, num_labels: int = 2):
     """Config of a tiny model: `llama`, `qwen2`, `gpt2` (causal LMs) or `bert` (sequence classifier)."""
     common = dict(vocab_size=vocab_size, pad_token_id=0, bos_token_id=2, eos_token_id=3)
-    if arch == "llama":
-        return transformers.LlamaConfig(
-            hidden_size=hidden,
-            intermediate_size=2 * hidden,
-            num_hidden_layers=layers,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=512,
-            tie_word_embeddings=False,
-            architectures=["LlamaForCausalLM"],
-            **common,
+    if arch in ("llama", "qwen2"):
+        cls, name = (
+            (transformers.LlamaConfig, "LlamaForCausalLM")
+            if arch == "llama"
+            else (transformers.Qwen2Config, "Qwen2ForCausalLM")
         )
-    if arch == "qwen2":
-        return transformers.Qwen2Config(
+        return cls(
             hidden_size=hidden,
             intermediate_size=2 * hidden,
             num_hidden_layers=layers,
             num_attention_heads=4,
             num_key_value_heads=2,
             max_position_embeddings=512,
-            tie_word_embeddings=True,
-            architectures=["Qwen2ForCausalLM"],
+            tie_word_embeddings=arch == "qwen2",
+            architectures=[name],
             **common,
         )
     if arch == "gpt2":

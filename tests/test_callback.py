@@ -128,7 +128,7 @@ def test_selected_samples_are_cluster_medoids(trained):
 
 
 def test_ready_is_written_last(base_dir, tmp_path, monkeypatch):
-    import recall_hf.task_checkpoint as tc
+    import recall_hf.checkpoint as tc
 
     events = []
     fsync_tree = tc.fsync_tree

@@ -8,6 +8,8 @@ import logging
 import sys
 from collections import Counter
 
+from recall_hf.cli import run_parsed
+
 from .store import DeployStore
 
 COMMANDS = ("daemon", "status", "rollback")
@@ -207,19 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0].startswith("-") and argv[0] not in ("-h", "--help", "-v", "--verbose"):
         argv.insert(0, "daemon")  # `recall-daemon --drop ... --deploy ...`
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        return int(args.func(args) or 0)
-    except (ValueError, RuntimeError, OSError) as err:
-        if args.verbose:
-            raise
-        print(f"recall-daemon {args.command}: error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    return run_parsed(build_parser().parse_args(argv), "recall-daemon")
 
 
 if __name__ == "__main__":
