@@ -205,8 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     tiny = args.model == "tiny"
     args.train_n = args.train_n or (512 if tiny else 256)
     args.test_n = args.test_n or (200 if tiny else 100)
-    args.epochs = args.epochs or (4 if tiny else 1)
-    args.lr = args.lr or (1e-3 if tiny else 3e-5)
+    args.epochs = args.epochs or (6 if tiny else 1)
+    args.lr = args.lr or (2e-3 if tiny else 3e-5)
     torch.manual_seed(args.seed)
 
     workdir = Path(args.workdir)
