@@ -73,12 +73,16 @@ def write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def fsync_dir(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """fsync a file or a directory by path (a directory's fsync makes its renames durable)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+fsync_dir = fsync_path
 
 
 def fsync_tree(path: Path) -> None:

@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from .checkpoint import fsync_path
+
 WEIGHTS_NAME = "model.safetensors"
 INDEX_SUFFIX = ".safetensors.index.json"
 
@@ -201,14 +203,6 @@ def _encode_header(shard: list[TensorInfo]) -> bytes:
     return struct.pack("<Q", len(raw)) + raw
 
 
-def fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class StreamingWriter:
     """Writes tensors in a fixed order into sharded safetensors, one tensor in memory at a time.
 
@@ -284,7 +278,7 @@ class StreamingWriter:
             index = {"metadata": {"total_size": self.bytes_written}, "weight_map": weight_map}
             path = self.out_dir / f"{self.stem}{INDEX_SUFFIX}"
             path.write_text(json.dumps(index, indent=2))
-            fsync_file(path)
+            fsync_path(path)
         return [self.out_dir / n for n in self.names]
 
     def abort(self) -> None:
