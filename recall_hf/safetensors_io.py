@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from .checkpoint import fsync_path
 
@@ -121,22 +120,22 @@ class CheckpointReader:
             for name, meta in header.items():
                 if name in self.tensors:
                     raise ValueError(f"Tensor {name!r} appears in two shards of {self.dir}.")
-                offset = start + int(meta["data_offsets"][0])
-                self.tensors[name] = TensorInfo(name, meta["dtype"], tuple(meta["shape"]), file, offset)
+                begin, end = (int(x) for x in meta["data_offsets"])
+                info = TensorInfo(name, meta["dtype"], tuple(meta["shape"]), file, start + begin)
+                if info.dtype in DTYPES and end - begin != info.nbytes:
+                    raise ValueError(f"{file}: tensor {name!r} spans {end - begin} bytes but its shape needs "
+                                     f"{info.nbytes}; the file is corrupt.")
+                self.tensors[name] = info
         index = self.dir / f"{stem}{INDEX_SUFFIX}"
         if index.exists():
             indexed = set(json.loads(index.read_text())["weight_map"])
             if indexed != set(self.tensors):
                 raise ValueError(f"{index} does not match its shards' tensors; the checkpoint is inconsistent.")
-        self._handles: dict[Path, object] = {}
         self._files: dict[Path, object] = {}
 
     def get(self, name: str) -> torch.Tensor:
-        info = self.tensors[name]
-        handle = self._handles.get(info.file)
-        if handle is None:
-            handle = self._handles[info.file] = safe_open(str(info.file), framework="pt")
-        return handle.get_tensor(name)
+        """One whole tensor in memory of its own."""
+        return self.read_into(name, torch.empty(self.tensors[name].nbytes, dtype=torch.uint8))
 
     def read_into(self, name: str, buf: torch.Tensor, start: int = 0, count: int | None = None) -> torch.Tensor:
         """Read elements `[start, start + count)` of a tensor (all by default) into the front of the uint8 tensor
@@ -166,7 +165,6 @@ class CheckpointReader:
         return flat.view(info.shape) if whole else flat
 
     def close(self) -> None:
-        self._handles.clear()
         for f in self._files.values():
             f.close()
         self._files.clear()
