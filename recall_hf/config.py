@@ -10,6 +10,15 @@ MODES = ("continual", "multi")
 FUSIONS = ("convex", "task_vector")
 
 
+def dataclass_from_dict(cls, data: dict[str, Any], what: str):
+    """Build dataclass `cls` from `data`, refusing unknown keys with a message that lists the valid ones."""
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"Unknown {what} {unknown}; valid {what}: {', '.join(sorted(known))}.")
+    return cls(**data)
+
+
 @dataclass
 class RecallConfig:
     """Configuration of a RECALL merge ([arXiv 2510.20479](https://arxiv.org/abs/2510.20479)).
@@ -109,11 +118,7 @@ class RecallConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RecallConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"Unknown RecallConfig fields {unknown}; valid fields: {', '.join(sorted(known))}.")
-        return cls(**data)
+        return dataclass_from_dict(cls, data, "RecallConfig fields")
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from conftest import PROBES
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file, save_file
@@ -18,14 +19,7 @@ from recall_hf import RecallConfig, recall_merge
 from recall_hf.adapters import compress_lora, fold_adapter, lora_scale, stack_lora
 from recall_hf.tiny import build_tiny_model
 
-TEXTS = [
-    "the movie was good and the acting was great",
-    "this email is spam buy now",
-    "a bad review of a bad movie",
-    "answer yes or no to the question",
-    "the task is to label the text",
-    "positive feelings about the film",
-]
+TEXTS = PROBES
 # A small temperature so the per-layer weights clearly differ between layers (a wrong layer index shows).
 CONFIG = dict(tau=0.5, batch_size=8, max_length=32)
 BLOCK_INDEX = re.compile(r"\.(?:layers|h|layer)\.(\d+)\.")

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from recall_hf.config import RecallConfig
+from recall_hf.config import RecallConfig, dataclass_from_dict
 
 AFTER_INGEST = ("delete", "move")
 
@@ -96,11 +96,7 @@ class DaemonConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> DaemonConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"Unknown daemon settings {unknown}; valid settings: {', '.join(sorted(known))}.")
-        return cls(**data)
+        return dataclass_from_dict(cls, data, "daemon settings")
 
     @classmethod
     def from_toml(cls, path: str | Path, **overrides: Any) -> DaemonConfig:
