@@ -17,6 +17,7 @@ import math
 import re
 import shutil
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -33,6 +34,7 @@ from .checkpoint import (
     RECALL_JSON,
     check_output_dir,
     copy_aux_files,
+    input_weight_hashes,
     is_weight_file,
     staged_dir,
     task_count,
@@ -455,6 +457,7 @@ def recall_merge_adapters(
     task_counts: list[int] | None = None,
     base: str | Path | None = None,
     progress: bool = True,
+    known_hashes: Mapping[str | Path, Mapping[str, str]] | None = None,
 ) -> MergeReport:
     """Merge LoRA adapters of one base with RECALL weights into one LoRA adapter (SPEC 2.5).
 
@@ -465,6 +468,8 @@ def recall_merge_adapters(
         config: RECALL settings; `config.max_rank` compresses the stacked factors by truncated SVD.
         task_counts: tasks each adapter carries, overriding their `recall.json`.
         base: base model directory (default: the adapters' common `base_model_name_or_path`).
+        progress: show progress bars.
+        known_hashes: weight-file sha256 already computed by the caller (see `recall_merge`).
 
     Returns:
         The `MergeReport` (`kind="adapter"`), also saved as `recall_report.json`.
@@ -542,7 +547,7 @@ def recall_merge_adapters(
         raise RuntimeError(f"Got {weights.shape[0]} hidden-state layers, expected {layer_map.num_layers + 1}.")
 
     t = time.perf_counter()
-    hashes = {str(d): weight_hashes(d) for d in dirs}
+    hashes = input_weight_hashes(dirs, known_hashes)
     timings["hash_inputs"] = time.perf_counter() - t
 
     t = time.perf_counter()

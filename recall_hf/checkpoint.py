@@ -7,7 +7,7 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 RECALL_JSON = "recall.json"
@@ -35,6 +35,21 @@ def weight_hashes(model_dir: str | Path) -> dict[str, str]:
     """sha256 of every weight file (and index) in a model or adapter directory."""
     model_dir = Path(model_dir)
     return {p.name: sha256_file(p) for p in sorted(model_dir.iterdir()) if p.is_file() and is_weight_file(p.name)}
+
+
+def input_weight_hashes(
+    dirs: list[Path], known: Mapping[str | Path, Mapping[str, str]] | None = None
+) -> dict[str, dict[str, str]]:
+    """`weight_hashes` of each directory, taking those the caller already computed from `known`
+    (`{directory: {file name: sha256}}`, e.g. the daemon's hashes of a drop it has just verified) so the same bytes
+    are not hashed twice. A known map that does not name exactly the directory's weight files is not used."""
+    given = {str(Path(k)): dict(v) for k, v in (known or {}).items()}
+    out = {}
+    for d in dirs:
+        hashes = given.get(str(Path(d)))
+        names = {p.name for p in Path(d).iterdir() if p.is_file() and is_weight_file(p.name)}
+        out[str(d)] = {n: hashes[n] for n in sorted(names)} if hashes and set(hashes) == names else weight_hashes(d)
+    return out
 
 
 def is_adapter_dir(path: str | Path) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from .checkpoint import (
     REPORT_NAME,
     check_output_dir,
     copy_aux_files,
+    input_weight_hashes,
     is_adapter_dir,
     staged_dir,
     task_count,
@@ -148,6 +150,7 @@ def recall_merge(
     task_counts: list[int] | None = None,
     base: str | Path | None = None,
     progress: bool = True,
+    known_hashes: Mapping[str | Path, Mapping[str, str]] | None = None,
 ) -> MergeReport:
     """Merge models (or LoRA adapters) with RECALL and write the result to `out_dir`.
 
@@ -160,6 +163,9 @@ def recall_merge(
         task_counts: tasks each model carries, overriding their `recall.json` (`task_count`, default 1).
         base: the common base model: for adapter merges (default: `base_model_name_or_path` of the adapters) and
             for `fusion="task_vector"` of full models.
+        progress: show progress bars.
+        known_hashes: sha256 of weight files the caller already computed, `{directory: {file name: sha256}}`; the
+            report records them instead of hashing those inputs again (the daemon passes its verified drop hashes).
 
     Returns:
         The `MergeReport`, also saved as `recall_report.json` with a plot `recall_weights.png`.
@@ -179,7 +185,7 @@ def recall_merge(
             raise ValueError("Cannot mix full models and LoRA adapter directories in one merge.")
         from .adapters import recall_merge_adapters
 
-        return recall_merge_adapters(dirs, probes, out_dir, config, task_counts, base, progress)
+        return recall_merge_adapters(dirs, probes, out_dir, config, task_counts, base, progress, known_hashes)
     task_vector = config.fusion == "task_vector"
     if base is not None and not task_vector:
         raise ValueError(
@@ -242,7 +248,7 @@ def recall_merge(
         fusion_weights = torch.cat([1.0 - coefficients.sum(-1, keepdim=True), coefficients], dim=-1)
 
     t = time.perf_counter()
-    hashes = {str(d): weight_hashes(d) for d in ([base_dir] if base_dir else []) + dirs}
+    hashes = input_weight_hashes(([base_dir] if base_dir else []) + dirs, known_hashes)
     timings["hash_inputs"] = time.perf_counter() - t
 
     report = MergeReport(

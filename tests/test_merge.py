@@ -10,6 +10,7 @@ from conftest import PROBES, copy_model
 from safetensors.torch import load_file
 
 from recall_hf import RecallConfig, recall_merge
+from recall_hf.checkpoint import sha256_file, weight_hashes
 from recall_hf.layers import LayerMap
 
 ARCHS = ("llama", "qwen2", "gpt2", "bert")
@@ -113,6 +114,15 @@ def test_task_counts_are_read_and_recorded(model_pair, tmp_path):
     assert r2.weights[0][0] == pytest.approx(2 / 3, abs=1e-6)
     r3 = recall_merge([first, b], PROBES, tmp_path / "third", RecallConfig(task_count_prior=False), progress=False)
     assert r3.weights[0][0] == pytest.approx(0.5, abs=1e-6)
+
+
+def test_known_hashes_are_recorded_instead_of_hashing_again(model_pair, tmp_path):
+    a, b = model_pair["llama"]
+    known = {a: {"model.safetensors": "f" * 64}, str(b): {"other.safetensors": "0" * 64}}
+    report = recall_merge([a, b], PROBES, tmp_path / "out", known_hashes=known, progress=False)
+    assert report.input_hashes[str(a)] == {"model.safetensors": "f" * 64}  # taken as given, not re-read
+    # A known map that does not name exactly the weight files is not used: the directory is hashed.
+    assert report.input_hashes[str(b)] == weight_hashes(b) == {"model.safetensors": sha256_file(b / "model.safetensors")}
 
 
 def test_probes_above_k_are_reduced_to_typical_samples(model_pair, tmp_path):

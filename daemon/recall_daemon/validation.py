@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import transformers
 
-from recall_hf.checkpoint import ADAPTER_CONFIG, RECALL_JSON, is_adapter_dir, read_recall_json
+from recall_hf.checkpoint import ADAPTER_CONFIG, RECALL_JSON, is_adapter_dir, is_weight_file, read_recall_json
 from recall_hf.safetensors_io import CheckpointReader
 from recall_hf.samples import SAMPLES_NAME, read_texts
 
@@ -46,6 +46,7 @@ class DropInfo:
     texts: list[str]
     recall: dict = field(default_factory=dict)
     tensors: int = 0
+    weight_hashes: dict[str, str] = field(default_factory=dict)  # sha256 of the top-level weight files, as verified
 
 
 def first_line(err: BaseException) -> str:
@@ -183,7 +184,8 @@ def verify_drop(drop: Path, deployed: Path, file_hashes: dict[str, str], probes:
     texts = drop_texts(drop, probes)
     n = check_finite(reader)
     task = recall.get("task") or recall.get("task_name") or drop.name
-    return DropInfo(kind, str(task), texts, recall, n)
+    weights = {rel: h for rel, h in file_hashes.items() if "/" not in rel and is_weight_file(rel)}
+    return DropInfo(kind, str(task), texts, recall, n, weights)
 
 
 def forward_model(version: Path, device: str = "cpu", device_map: str | None = None):

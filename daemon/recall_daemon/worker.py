@@ -34,6 +34,7 @@ from recall_hf.checkpoint import (
     fsync_dir,
     fsync_tree,
     is_adapter_dir,
+    read_recall_json,
     weight_hashes,
     write_json,
 )
@@ -55,6 +56,15 @@ MERGED_OK, DUPLICATE, QUARANTINED, DEFERRED, STOPPED, REQUEUED, WAITING, GONE = 
     "merged", "duplicate", "quarantined", "deferred", "stopped", "requeued", "waiting", "gone")
 SPACE_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
 SMOKE_TEXTS = ["The quick brown fox jumps over the lazy dog.", "Hello, world!"]
+
+
+def recorded_hashes(version: Path) -> dict[str, str]:
+    """The weight-file sha256 a version recorded in its `recall.json` when it was written; `{}` if unreadable."""
+    try:
+        hashes = read_recall_json(version).get("sha256")
+    except (OSError, ValueError):
+        return {}
+    return hashes if isinstance(hashes, dict) else {}
 
 
 class StopRequested(BaseException):
@@ -340,8 +350,13 @@ class Worker:
         base = self.store.version_dir("v0000") if self.config.recall.fusion == "task_vector" else None
         if base is not None and is_adapter_dir(drop):
             base = None  # adapter merges take their base from adapter_config.json
-        report = recall_merge([self.store.version_dir(parent), drop], info.texts, work, self.config.recall,
-                              base=base, progress=False)
+        # Hashes already known: the drop's were computed while it was verified; every version records its own in
+        # recall.json when the daemon writes it (versions are immutable). The report need not hash them again.
+        parent_dir = self.store.version_dir(parent)
+        known = {str(d): recorded_hashes(d) for d in [parent_dir] + ([base] if base else [])}
+        known[str(drop)] = info.weight_hashes
+        report = recall_merge([parent_dir, drop], info.texts, work, self.config.recall, base=base, progress=False,
+                              known_hashes=known)
         for p in work.iterdir():
             os.rename(p, stage / p.name)
         work.rmdir()

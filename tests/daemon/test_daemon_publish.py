@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from recall_daemon import cli
 from recall_daemon.drops import content_hash
 from recall_daemon.faults import FAULT_ENV
-from recall_hf.checkpoint import READY
+from recall_hf.checkpoint import READY, weight_hashes
 
 pytest_plugins = ["daemon_fixtures"]
 
@@ -23,10 +23,15 @@ pytest_plugins = ["daemon_fixtures"]
 def test_two_drops_become_two_versions_with_a_cumulative_card(deployment):
     dep = deployment
     dep.add("alpha", seed=1)
-    dep.add("beta", seed=2)
+    beta = dep.add("beta", seed=2)
+    beta_hashes = {rel: h for rel, h in content_hash(beta)[1].items() if rel.endswith(".safetensors")}
     assert dep.run_once() == 0
     store = dep.store
     assert store.current() == "v0002" and store.versions() == ["v0000", "v0001", "v0002"]
+    # The report records the real sha256 of both inputs (the daemon passes on what it verified, it does not rehash).
+    inputs = json.loads((store.version_dir("v0002") / "recall_report.json").read_text())["input_hashes"]
+    assert inputs == {str(store.version_dir("v0001")): weight_hashes(store.version_dir("v0001")),
+                      str(beta): beta_hashes}
     assert store.parent_of("v0002") == "v0001" and store.parent_of("v0001") == "v0000"
     v2 = store.version_dir("v0002")
     for name in ("model.safetensors", "config.json", "tokenizer.json", "recall_report.json", "recall_weights.png",
