@@ -639,7 +639,10 @@ class RecallEngine:
         if opts["tv"]:
             if tv_base is None:
                 raise ValueError("recall tv=1 (task-vector scaling) needs the from-base protocol.")
-            coeffs = M.recall_tv_coefficients(weights, counts if opts["prior"] else None)
+            if opts["lam"] > 0:
+                coeffs = M.recall_ta_coefficients(weights, counts, opts["lam"])
+            else:
+                coeffs = M.recall_tv_coefficients(weights, counts if opts["prior"] else None)
             merged = M.layerwise_task_vectors(tv_base, states, coeffs, self.fam.layer_of)
         else:
             coeffs = weights
@@ -678,6 +681,8 @@ def fold(
         return M.lines_merge(
             base, vectors, fam.layer_of, fam.layer_map.num_layers, M.lines_alpha(o["alpha"], step), o["beta"]
         ), None
+    if step == 1 and spec.family == "recall" and o["tv"] and o["lam"] > 0:
+        return M.task_arithmetic(base, vectors, o["lam"]), None  # task arithmetic's first step
     if step == 1 or spec.family == "seqft":
         return new, None
     if spec.family == "interp":
@@ -1090,10 +1095,11 @@ def main(argv: list[str] | None = None) -> dict:
     except ValueError as err:
         raise SystemExit(str(err)) from None
     out_dir = Path(args.out_root) / args.run_name
-    out_dir.mkdir(parents=True, exist_ok=True)
-    fh = logging.FileHandler(out_dir / "run.log", mode="w")
-    fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.getLogger().addHandler(fh)
+    if not args.dry_run:  # a dry run only estimates the time: it leaves nothing behind
+        out_dir.mkdir(parents=True, exist_ok=True)
+        fh = logging.FileHandler(out_dir / "run.log", mode="w")
+        fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logging.getLogger().addHandler(fh)
     for noisy in ("httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 

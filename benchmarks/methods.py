@@ -192,6 +192,19 @@ def recall_tv_coefficients(weights: torch.Tensor, task_counts: list[int] | None 
     return task_vector_coefficients(weights, task_counts)
 
 
+def recall_ta_coefficients(weights: torch.Tensor, task_counts: list[int], lam: float) -> torch.Tensor:
+    """RECALL-shaped task arithmetic (a benchmark variant): the deployed model's task vectors are kept whole
+    (coefficient 1) and the new task vector gets ``lam * w_new / (m_new / sum m)`` per layer, i.e. ``lam`` times the
+    ratio of RECALL's weight to the uniform share. Where all models agree this is task arithmetic with ``lam``; where
+    the new model diverges RECALL's weight grows and so does the new update, a data-driven LiNeS-like schedule.
+    Old updates are never shrunk (plain ``tv=1`` shrinks them by ``exp((s - 1) / tau)`` at every step).
+    Models with count 0 (the base) get 0."""
+    counts = torch.tensor([float(c) for c in task_counts], dtype=weights.dtype)
+    coeffs = (counts > 0).to(weights.dtype).expand_as(weights).clone()
+    coeffs[:, -1] = lam * weights[:, -1] * counts.sum() / counts[-1].clamp_min(1.0)
+    return coeffs
+
+
 # ----------------------------------------------------------------------------------------------- method registry
 
 
@@ -248,13 +261,15 @@ FAMILIES: dict[str, Family] = {
                 "self": 0,
                 "tv": 0,
                 "two_sided": 0,
+                "lam": 0.0,
                 "k": 32,
             },
             "RECALL: per-layer softmax weights from representation similarity on typical samples "
             "(tau, sim=rbf|linear_cka|rbf_cka|cosine, prior=count prior, norm=depth normalisation, "
             "target=continual|multi, base=include the base as a third model, self=N self-generated probes "
             "(decoder), two_sided=1 judge self-probes against the deployed model, "
-            "tv=1 task-vector scaling w/max(w) instead of convex weights (from-base), k=typical samples)",
+            "tv=1 task-vector scaling w/max(w) instead of convex weights (from-base), lam>0 with tv=1: old task "
+            "vectors kept whole and the new one scaled by lam * w_new / uniform share (from-base), k=typical samples)",
         ),
     ]
 }
@@ -441,6 +456,7 @@ __all__ = [
     "linear_combination",
     "parse_method",
     "recall_layer_weights",
+    "recall_ta_coefficients",
     "recall_tv_coefficients",
     "recall_two_sided_weights",
     "running_mean",

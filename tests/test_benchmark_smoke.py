@@ -25,3 +25,12 @@ def test_quick_benchmark_writes_table_and_results(tmp_path):
     methods = {row["method"] for row in results["summary"]}
     assert {"seqft"} <= methods and any(m.startswith("recall") for m in methods), methods
     assert list(out.glob("*.png")), "plots missing"
+
+
+def test_dry_run_prints_an_estimate_and_leaves_nothing(tmp_path):
+    cmd = [sys.executable, "-m", "benchmarks.continual", "--quick", "--dry-run", "--out-root", str(tmp_path),
+           "--run-name", "dry", "--no-progress"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Estimated time:" in proc.stdout
+    assert not (tmp_path / "dry").exists()
