@@ -56,7 +56,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="tiny", choices=["tiny", "smollm2"])
     p.add_argument("--drops", type=int, default=3, help="drops to time, one after another")
     p.add_argument("--idle", type=float, default=30.0, help="seconds of idle CPU measurement")
+    p.add_argument("--out", type=Path, default=None,
+                   help="results JSON (default benchmarks/results/daemon-latency-MODEL.json)")
     args = p.parse_args(argv)
+    out = args.out or Path(__file__).resolve().parent / "results" / f"daemon-latency-{args.model}.json"
     root = Path(tempfile.mkdtemp(prefix="recall-latency-"))
     if args.model == "smollm2":
         from benchmarks.assets import smollm2_dir
@@ -80,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         cpu0, t0 = cpu_seconds(daemon.pid), time.time()
         time.sleep(args.idle)
         idle = (cpu_seconds(daemon.pid) - cpu0) / (time.time() - t0)
-        latencies = []
+        latencies, steps = [], []
         for i in range(1, args.drops + 1):
             make_drop(base, drop / f"task{i}", seed=i)
             ready = (drop / f"task{i}" / "READY").stat().st_mtime
@@ -89,12 +92,25 @@ def main(argv: list[str] | None = None) -> int:
                     raise RuntimeError(f"daemon exited; see {root / 'daemon.log'}")
                 time.sleep(0.05)
             latencies.append(time.time() - ready)
+            report = json.loads((deploy / "versions" / f"v{i:04d}" / "recall_report.json").read_text())
+            steps.append(report["timings"])
     finally:
         daemon.terminate()
         daemon.wait(60)
     lat = sorted(latencies)
     print(f"model {args.model}: drop-to-live latency over {len(lat)} drops: median {lat[len(lat) // 2]:.2f}s "
           f"(min {lat[0]:.2f}s, max {lat[-1]:.2f}s); idle CPU {100 * idle:.3f}% of one core over {args.idle:.0f}s")
+    # Where the time goes: the merge's own timings (recall_report.json); the rest is the daemon's verification
+    # (content hash, every tensor read and checked), post-merge validation and the fsynced publish.
+    median = {k: sorted(t[k] for t in steps)[len(steps) // 2] for k in steps[0]}
+    median["daemon (verify, validate, publish)"] = lat[len(lat) // 2] - median["total"]
+    print("median seconds per drop: " + ", ".join(f"{k} {v:.2f}" for k, v in median.items()))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"model": args.model, "drops": args.drops, "latency_seconds": latencies,
+                               "merge_timings": steps, "median_breakdown": median, "idle_cpu_fraction": idle,
+                               "idle_seconds": args.idle, "cpus": os.cpu_count(),
+                               "torch": torch.__version__}, indent=1))
+    print(f"results in {out}")
     shutil.rmtree(root, ignore_errors=True)
     return 0
 
