@@ -108,6 +108,28 @@ def fsync_tree(path: Path) -> None:
     fsync_dir(path)
 
 
+def current_umask() -> int:
+    try:  # Linux: read it without changing it (os.umask would, for a moment, for every thread)
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def apply_umask(path: Path) -> None:
+    """Give every file and directory under `path` (and `path`) the mode a plain `open`/`mkdir` would: transformers
+    writes weights 0600, so a daemon or server running as another user could not read them otherwise."""
+    mask = current_umask()
+    for p in [path, *path.rglob("*")]:
+        if p.is_symlink():
+            continue
+        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
+
+
 def check_output_dir(out_dir: Path) -> None:
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise ValueError(f"Output {out_dir} already exists and is not empty; choose a new --out directory.")
@@ -120,7 +142,8 @@ def staged_dir(
     """Build a directory at `<final>.tmp-<pid>` and rename it to `final` only if the block succeeds.
 
     On any error the staging directory is removed and `final` is left as it was (absent). The files are fsynced
-    before the rename and the parent after it, so a crash leaves either nothing or the complete directory.
+    before the rename and the parent after it, so a crash leaves either nothing or the complete directory. Modes
+    follow the umask (`apply_umask`), so other users (the daemon's, a server's) can read what it holds.
 
     Args:
         final: the directory to create (must not exist, or be empty).
@@ -135,6 +158,7 @@ def staged_dir(
     stage.mkdir()
     try:
         yield stage
+        apply_umask(stage)
         fsync_tree(stage)
         if seal is not None:
             seal(stage)

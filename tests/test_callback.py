@@ -24,7 +24,7 @@ from transformers import (
 
 from recall_hf import RecallCallback, RecallConfig
 from recall_hf.callback import dataset_texts, render_prompt
-from recall_hf.checkpoint import READY, RECALL_JSON, is_weight_file, sha256_file
+from recall_hf.checkpoint import READY, RECALL_JSON, current_umask, is_weight_file, sha256_file
 from recall_hf.representations import load_backbone, load_tokenizer, pooled_hidden_states
 from recall_hf.samples import SAMPLES_NAME, candidate_texts, cluster_medoids
 from recall_hf.task_checkpoint import write_task_checkpoint
@@ -75,6 +75,10 @@ def check_complete(ckpt: Path, kind: str = "full") -> dict:
     for name, digest in meta["sha256"].items():
         assert sha256_file(ckpt / name) == digest
     assert meta["task_count"] == 1 and meta["weights"] == kind and meta["library_version"]
+    # Modes follow the umask (transformers alone writes weights 0600): a daemon running as another user can read it.
+    mask = current_umask()
+    assert oct(ckpt.stat().st_mode & 0o777) == oct(0o777 & ~mask)
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in ckpt.iterdir()} == {n: oct(0o666 & ~mask) for n in names}
     samples = [json.loads(line) for line in (ckpt / SAMPLES_NAME).read_text().splitlines()]
     assert samples and meta["num_samples"] == len(samples)
     assert all({"text", "cluster", "cluster_size"} <= set(s) for s in samples)

@@ -31,6 +31,7 @@ from pathlib import Path
 from recall_hf.checkpoint import (
     NOT_COPIED,
     RECALL_JSON,
+    apply_umask,
     fsync_dir,
     fsync_tree,
     is_adapter_dir,
@@ -219,6 +220,7 @@ class Worker:
                                  self.config.recall.device_map)
             except DropRejected as rej:
                 raise ValueError(f"--base {base} fails validation: {rej.message}") from None
+            apply_umask(stage)  # copied base files keep their modes (transformers writes weights 0600)
             fsync_tree(stage)
             os.rename(stage, self.store.version_dir("v0000"))
             fsync_dir(self.store.versions_dir)

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from recall_daemon import cli
 from recall_daemon.drops import content_hash
 from recall_daemon.faults import FAULT_ENV
-from recall_hf.checkpoint import READY, weight_hashes
+from recall_hf.checkpoint import READY, current_umask, weight_hashes
 
 pytest_plugins = ["daemon_fixtures"]
 
@@ -38,6 +38,12 @@ def test_two_drops_become_two_versions_with_a_cumulative_card(deployment):
                  "README.md", "version.json", "recall.json"):
         assert (v2 / name).is_file(), name
     assert json.loads((v2 / "recall.json").read_text())["task_count"] == 2
+    # Every version is readable by a server running as another user (modes follow the umask; the base's weights
+    # were written 0600 by transformers).
+    mask = current_umask()
+    for version in ("v0000", "v0002"):
+        for p in [store.version_dir(version), *store.version_dir(version).iterdir()]:
+            assert p.stat().st_mode & 0o777 == (0o777 if p.is_dir() else 0o666) & ~mask, p
     info = store.version_info("v0002")
     assert [t["name"] for t in info["tasks"]] == ["alpha", "beta"]
     assert all(len(t["weights"]["per_layer"]) == 3 for t in info["tasks"])  # embeddings + 2 blocks
