@@ -612,6 +612,7 @@ class RecallEngine:
         task: Prepared,
         seed: int,
         tv_base: State | None,
+        old_probes: list[list[str]] | None = None,
     ) -> tuple[State, dict]:
         probes = list(self.typical_samples(new, task, opts["k"], seed))
         n_typical = len(probes)
@@ -622,6 +623,9 @@ class RecallEngine:
             t = time.perf_counter()
             own = self.fam.self_probes(deployed, int(opts["self"]), stable_seed(seed, "self", step))
             self.seconds["self_probes"] += time.perf_counter() - t
+        if opts["old"]:
+            # The typical samples each earlier task's model picked: what its drop carried (SPEC 3), no raw data.
+            own += [text for picked in old_probes or [] for text in picked]
         states = ([base] if opts["base"] else []) + [deployed, new]
         counts = ([0] if opts["base"] else []) + [step - 1, 1]
         two_sided = bool(opts["two_sided"]) and bool(own)
@@ -691,7 +695,7 @@ def fold(
         return M.running_mean(deployed, new, step), None
     if spec.family == "recall":
         tv_base = base if ctx["protocol"] == "from-base" else None
-        return ctx["recall"].merge(o, step, base, deployed, new, task, ctx["seed"], tv_base)
+        return ctx["recall"].merge(o, step, base, deployed, new, task, ctx["seed"], tv_base, ctx.get("old_probes"))
     raise ValueError(f"no fold rule for {spec.family}")
 
 
@@ -722,6 +726,7 @@ def run_method(
     heads: dict[str, State] = {}
     acc: list[list[float | None]] = []
     records = []
+    old_probes: list[list[str]] = []  # recall old=1: typical samples of the tasks folded in so far
     eval_names_all = list(order)
     for step, name in enumerate(order, 1):
         task = ctx["tasks"][name]
@@ -732,8 +737,11 @@ def run_method(
         heads[name] = new.heads.get(name)
         if protocol == "from-base":
             ctx["vectors"] = [M.task_vector(task_models[n].shared, fam.base) for n in order[:step]]
-        merged, rec = fold(spec, step, {**ctx, "protocol": protocol}, deployed, new.shared, task)
+        merged, rec = fold(spec, step, {**ctx, "protocol": protocol, "old_probes": old_probes}, deployed, new.shared,
+                           task)
         ctx.pop("vectors", None)
+        if spec.family == "recall" and spec.options["old"]:
+            old_probes.append(ctx["recall"].typical_samples(new.shared, task, spec.options["k"], ctx["seed"]))
         deployed = merged
         if rec is not None:
             records.append(rec)

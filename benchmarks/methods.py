@@ -259,6 +259,7 @@ FAMILIES: dict[str, Family] = {
                 "target": "continual",
                 "base": 0,
                 "self": 0,
+                "old": 0,
                 "tv": 0,
                 "two_sided": 0,
                 "lam": 0.0,
@@ -267,7 +268,8 @@ FAMILIES: dict[str, Family] = {
             "RECALL: per-layer softmax weights from representation similarity on typical samples "
             "(tau, sim=rbf|linear_cka|rbf_cka|cosine, prior=count prior, norm=depth normalisation, "
             "target=continual|multi, base=include the base as a third model, self=N self-generated probes "
-            "(decoder), two_sided=1 judge self-probes against the deployed model, "
+            "(decoder), old=1 add the typical samples earlier tasks' models picked (what their drops carried), "
+            "two_sided=1 judge self-probes / old samples against the deployed model, "
             "tv=1 task-vector scaling w/max(w) instead of convex weights (from-base), lam>0 with tv=1: old task "
             "vectors kept whole and the new one scaled by lam * w_new / uniform share (from-base), k=typical samples)",
         ),
@@ -292,6 +294,7 @@ PRESETS: dict[str, str] = {
     "recall-cos": "recall:sim=cosine",
     "recall-self": "recall:self=16",
     "recall-self2": "recall:self=16,two_sided=1",
+    "recall-old2": "recall:old=1,two_sided=1",
     "recall-tv": "recall:tv=1",
 }
 
