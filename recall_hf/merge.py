@@ -106,16 +106,17 @@ def resolve_probes(probes: str | Path | list[str] | None, newest: Path) -> list[
 
 
 def plot_report(report: MergeReport, path: Path) -> None:
-    """Per-layer similarity to the target model and per-layer merge weights, one PNG."""
-    import matplotlib
+    """Per-layer similarity to the target model and per-layer merge weights, one PNG.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    Uses matplotlib's object API, not pyplot, so the caller's backend is left alone (a notebook keeps its inline
+    plots; the earlier `matplotlib.use("Agg")` switched it for the whole process)."""
+    from matplotlib.figure import Figure
 
     sims, weights = torch.tensor(report.similarities), torch.tensor(report.weights)
     layers = list(range(len(weights)))
     names = [f"{i}: {Path(m).name}" for i, m in enumerate(report.models)]
-    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
+    fig = Figure(figsize=(8, 6))
+    ax1, ax2 = fig.subplots(2, 1, sharex=True)
     for k, name in enumerate(names[:-1]):
         ax1.plot(layers, sims[:, k, -1].tolist(), marker=".", label=f"{name} vs newest")
     ax1.set_ylabel("similarity to newest")
@@ -130,7 +131,6 @@ def plot_report(report: MergeReport, path: Path) -> None:
     ax2.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def compute_weights(
