@@ -685,7 +685,7 @@ def fold(
         return M.lines_merge(
             base, vectors, fam.layer_of, fam.layer_map.num_layers, M.lines_alpha(o["alpha"], step), o["beta"]
         ), None
-    if step == 1 and spec.family == "recall" and o["tv"] and o["lam"] > 0:
+    if step == 1 and spec.family == "recall" and o["tv"] and o["lam"] > 0 and ctx["protocol"] == "from-base":
         return M.task_arithmetic(base, vectors, o["lam"]), None  # task arithmetic's first step
     if step == 1 or spec.family == "seqft":
         return new, None
