@@ -31,10 +31,14 @@ def is_weight_file(name: str) -> bool:
     return name.endswith((".safetensors", ".bin", ".pt", ".pth")) or name.endswith(".safetensors.index.json")
 
 
+def weight_files(model_dir: str | Path) -> list[Path]:
+    """Every weight file (and index) of a model or adapter directory, sorted by name."""
+    return [p for p in sorted(Path(model_dir).iterdir()) if p.is_file() and is_weight_file(p.name)]
+
+
 def weight_hashes(model_dir: str | Path) -> dict[str, str]:
     """sha256 of every weight file (and index) in a model or adapter directory."""
-    model_dir = Path(model_dir)
-    return {p.name: sha256_file(p) for p in sorted(model_dir.iterdir()) if p.is_file() and is_weight_file(p.name)}
+    return {p.name: sha256_file(p) for p in weight_files(model_dir)}
 
 
 def input_weight_hashes(
@@ -46,9 +50,11 @@ def input_weight_hashes(
     given = {str(Path(k)): dict(v) for k, v in (known or {}).items()}
     out = {}
     for d in dirs:
+        files = weight_files(d)
         hashes = given.get(str(Path(d)))
-        names = {p.name for p in Path(d).iterdir() if p.is_file() and is_weight_file(p.name)}
-        out[str(d)] = {n: hashes[n] for n in sorted(names)} if hashes and set(hashes) == names else weight_hashes(d)
+        if not hashes or set(hashes) != {p.name for p in files}:
+            hashes = {p.name: sha256_file(p) for p in files}
+        out[str(d)] = {p.name: hashes[p.name] for p in files}
     return out
 
 
