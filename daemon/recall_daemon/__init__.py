@@ -6,11 +6,17 @@ and validated, and every complete drop is merged exactly once or quarantined wit
 
 Modules, in the order a drop meets them:
     watcher.py     file events (inotify, or polling) that only wake the worker
-    drops.py       completeness (READY / quiet period), arrival order, content hash
+    drops.py       completeness (READY / quiet period), arrival order
+    intake.py      a drop is untrusted: lstat-only layout and code checks, taking it into incoming/, bounded hashing
     validation.py  checks before merging and before going live
-    worker.py      verify -> merge -> validate -> publish, journaled; recovery after a crash
+    worker.py      one drop at a time: take -> check -> merge -> publish -> retire; status
+    publisher.py   the journaled publish (intent -> merged -> published -> idle), the base as v0000
+    disposal.py    where a drop goes: retire, quarantine (in place), leave, defer
+    recovery.py    bringing the deploy folder back after a crash
     journal.py     the publish journal (intent -> merged -> published)
-    store.py       the deploy folder: versions, current, ledger, quarantine, status, rollback, pruning
+    ledger.py      the append-only ledger of every drop handled
+    stop.py        SIGTERM/SIGINT: the stop token and interruptible stretches
+    store.py       the deploy folder: versions, current, quarantine, status, rollback, pruning
     modelcard.py   version.json and the cumulative model card README.md
     metrics.py     Prometheus metrics (textfile and HTTP)
     service.py     lock, signals, the main loop

@@ -28,7 +28,7 @@ def _add_daemon_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base", default=None, help="model (or adapter) dir published as versions/v0000 when the deploy "
                    "folder is empty (ignored once it holds a version)")
     p.add_argument("--once", action="store_true", help="process the complete drops pending now, then exit "
-                   "(exit 1 when a drop had to be deferred, e.g. for disk space)")
+                   "(exit 1 when a drop had to be deferred, e.g. for disk space; 3 when a drop was quarantined)")
     p.add_argument("--poll", type=float, default=None, help="seconds between rescans of the drop folder (default 30)")
     p.add_argument("--quiet-period", type=float, default=None,
                    help="a drop without READY counts as complete after this many seconds unchanged (default 60)")
@@ -36,6 +36,8 @@ def _add_daemon_args(p: argparse.ArgumentParser) -> None:
                    help="newest versions to keep; the live one, its predecessor and v0000 are always kept (default 3)")
     p.add_argument("--metrics-port", type=int, default=None,
                    help="serve Prometheus metrics on this port (DEPLOY/metrics.prom is always written)")
+    p.add_argument("--metrics-addr", default=None,
+                   help="address the metrics server binds to (default 127.0.0.1, loopback only; 0.0.0.0 = all)")
     p.add_argument("--probes", default=None, help="probe texts (.jsonl/.txt) for drops without recall_samples.jsonl")
     p.add_argument("--polling-observer", dest="polling_observer", **_const(True),
                    help="watch with a polling observer instead of inotify (network filesystems)")
@@ -66,8 +68,8 @@ def _add_daemon_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device-map", default=None, help="accelerate device_map for large models, e.g. auto")
 
 
-DAEMON_KEYS = ("drop_dir", "deploy_dir", "base", "poll", "quiet_period", "keep", "metrics_port", "probes",
-               "polling_observer", "events", "after_ingest", "retry_after")
+DAEMON_KEYS = ("drop_dir", "deploy_dir", "base", "poll", "quiet_period", "keep", "metrics_port", "metrics_addr",
+               "probes", "polling_observer", "events", "after_ingest", "retry_after")
 RECALL_KEYS = ("tau", "similarity", "k", "task_count_prior", "normalize_depth", "fusion", "seed", "batch_size",
                "max_length", "dtype", "device", "device_map")
 
@@ -115,7 +117,7 @@ def collect_status(store: DeployStore) -> dict:
     running = lock_held(store.lock_path)
     live = store.current()
     info = store.version_info(live) if live else {}
-    ledger = store.ledger()
+    ledger = store.ledger.entries()
     return {
         "running": running,
         "pid": lock_holder(store.lock_path) if running else None,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,8 +31,8 @@ class DaemonConfig:
             Newest versions kept; the live version, its predecessor and `v0000` (the base) are always kept too.
         metrics_port (`int`, *optional*, defaults to `None`):
             Serve Prometheus metrics over HTTP on this port (the textfile `metrics.prom` is always written).
-        metrics_addr (`str`, *optional*, defaults to `"0.0.0.0"`):
-            Address the metrics HTTP server binds to.
+        metrics_addr (`str`, *optional*, defaults to `"127.0.0.1"`):
+            Address the metrics HTTP server binds to: loopback unless told otherwise (`0.0.0.0` for every interface).
         probes (`str`, *optional*, defaults to `None`):
             A `.jsonl`/`.txt` of probe texts used for drops that ship no `recall_samples.jsonl`.
         polling_observer (`bool`, *optional*, defaults to `False`):
@@ -59,7 +60,7 @@ class DaemonConfig:
     quiet_period: float = field(default=60.0, metadata={"help": "Seconds unchanged before a marker-less drop counts."})
     keep: int = field(default=3, metadata={"help": "Newest versions kept (plus live, its predecessor, v0000)."})
     metrics_port: int | None = field(default=None, metadata={"help": "Serve Prometheus metrics on this port."})
-    metrics_addr: str = field(default="0.0.0.0", metadata={"help": "Bind address of the metrics HTTP server."})
+    metrics_addr: str = field(default="127.0.0.1", metadata={"help": "Bind address of the metrics HTTP server."})
     probes: str | None = field(default=None, metadata={"help": "Probe texts for drops without recall_samples.jsonl."})
     polling_observer: bool = field(default=False, metadata={"help": "Use watchdog's PollingObserver, not inotify."})
     events: bool = field(default=True, metadata={"help": "Watch for file events (False: periodic rescan only)."})
@@ -89,6 +90,10 @@ class DaemonConfig:
             raise ValueError(f"after_ingest must be one of {', '.join(AFTER_INGEST)}; got {self.after_ingest!r}.")
         if self.metrics_port is not None and not 0 <= self.metrics_port < 65536:
             raise ValueError(f"metrics_port must be a TCP port (0-65535), got {self.metrics_port}.")
+        if not math.isfinite(self.recall.tau):
+            raise ValueError(f"recall.tau must be a finite number > 0, got {self.recall.tau}.")
+        if not (math.isfinite(self.poll) and math.isfinite(self.retry_after) and self.retry_after >= 0):
+            raise ValueError(f"poll and retry_after must be finite seconds >= 0, got {self.poll}, {self.retry_after}.")
         if self.space_factor < 1.0:
             raise ValueError(f"space_factor must be >= 1.0, got {self.space_factor}.")
         if self.validate_samples < 1:

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server, write_to_textfile
 
 logger = logging.getLogger(__name__)
 
@@ -38,12 +37,11 @@ class Metrics:
         self._server = None
 
     def write_textfile(self) -> None:
-        """Replace `metrics.prom` atomically (a scraper never reads half a file)."""
-        tmp = self.textfile.with_name(f".{self.textfile.name}.tmp-{os.getpid()}")
-        tmp.write_bytes(generate_latest(self.registry))
-        os.replace(tmp, self.textfile)
+        """Replace `metrics.prom` atomically (a scraper never reads half a file; prometheus_client writes a temp
+        file and renames it)."""
+        write_to_textfile(str(self.textfile), self.registry)
 
-    def serve(self, port: int, addr: str = "0.0.0.0") -> int:
+    def serve(self, port: int, addr: str = "127.0.0.1") -> int:
         """Serve `/metrics` over HTTP from a background thread; returns the bound port (0 picks a free one)."""
         self._server, _ = start_http_server(port, addr=addr, registry=self.registry)
         bound = self._server.server_address[1]

@@ -19,15 +19,21 @@ from pathlib import Path
 
 from .config import DaemonConfig
 from .faults import injected_faults
+from .intake import printable
 from .metrics import Metrics
+from .stop import StopRequested, StopToken
 from .store import DeployStore, now_iso
 from .watcher import DropWatcher
-from .worker import DEFERRED, STOPPED, WAITING, StopRequested, StopToken, Worker
+from .worker import Outcome, Worker
 
 logger = logging.getLogger(__name__)
 
-# Exit codes of `recall-hf daemon`.
-EXIT_OK, EXIT_DEFERRED = 0, 1
+# Exit codes of `recall-hf daemon` (2, a bad setting or a second instance, comes from the command line).
+EXIT_OK, EXIT_DEFERRED, EXIT_QUARANTINED = 0, 1, 3
+# Outcomes that made no progress: the loop pauses (with backoff) before it looks again, so it never spins.
+NO_PROGRESS = (Outcome.WAITING, Outcome.REQUEUED, Outcome.GONE)
+# How often `--once` takes up the same drop before it leaves it for the next run.
+ONCE_ATTEMPTS = 3
 # After an event, let a burst of writes settle before rescanning.
 EVENT_SETTLE_SECONDS = 0.2
 LOCK_ATTEMPTS = 5
@@ -93,6 +99,32 @@ class InstanceLock:
             self.fd = None
 
 
+class Backoff:
+    """Pauses that double from `first` to `cap` seconds while nothing moves; `reset` after progress."""
+
+    def __init__(self, first: float = 0.5, cap: float = 30.0):
+        self.first, self.cap, self.current = first, cap, 0.0
+
+    def next(self) -> float:
+        self.current = min(self.cap, self.current * 2 if self.current else self.first)
+        return self.current
+
+    def reset(self) -> None:
+        self.current = 0.0
+
+
+def remove_created(paths: list[Path]) -> None:
+    """Undo a failed start: remove the files and (empty) folders it created, deepest first."""
+    for p in sorted(paths, key=lambda p: len(p.parts), reverse=True):
+        try:
+            if p.is_dir() and not p.is_symlink():
+                p.rmdir()
+            else:
+                p.unlink(missing_ok=True)
+        except OSError:
+            pass
+
+
 class DaemonService:
     """Runs the worker over one drop folder and one deploy folder until stopped (or once, with `once=True`)."""
 
@@ -103,17 +135,31 @@ class DaemonService:
         self.stop = StopToken()
         self.worker = Worker(config, self.store, self.metrics, self.stop)
         self.watcher: DropWatcher | None = None
+        self.backoff = Backoff(cap=max(1.0, min(config.poll, 30.0)))
+
+    def _absent(self) -> list[Path]:
+        s = self.store
+        paths = [s.root, s.versions_dir, s.quarantine_dir, s.incoming_dir, Path(self.config.drop_dir), s.lock_path,
+                 s.status_path, s.metrics_path, s.ledger.path, s.journal.path, s.publish_lock_path]
+        return [p for p in paths if not os.path.lexists(p)]
 
     def run(self, once: bool = False) -> int:
-        """Recover, initialise, then process drops; returns the exit code."""
-        self.store.ensure_layout()
+        """Recover, initialise, then process drops; returns the exit code. A start that fails leaves nothing."""
+        absent = self._absent()
+        self.store.root.mkdir(parents=True, exist_ok=True)
         lock = InstanceLock(self.store.lock_path)
-        lock.acquire()
+        try:
+            lock.acquire()
+        except BaseException:
+            remove_created(absent)
+            raise
         restore_signals = self._install_signals()
+        started = False
         try:
             with injected_faults():
                 self.worker.recover()
                 live = self.worker.initialise()
+                started = True
                 logger.info("recall-daemon (pid %d): drops from %s, deploying to %s, live version %s",
                             os.getpid(), self.config.drop_dir, self.store.root, live)
                 # Everything alive now (torch, transformers, modules) lives as long as the process: freezing it
@@ -143,14 +189,20 @@ class DaemonService:
             if self.watcher is not None:
                 self.watcher.stop()
             self.metrics.close()
-            try:
-                self.worker.state = "stopped"
-                self.worker.write_status()
-            except OSError as err:
-                logger.error("Cannot write the final status: %s", err)
+            if started:
+                self._final_status()
             restore_signals()
             lock.release()
+            if not started:
+                remove_created(absent)
             logger.info("recall-daemon stopped.")
+
+    def _final_status(self) -> None:
+        try:
+            self.worker.state = "stopped"
+            self.worker.write_status()
+        except OSError as err:
+            logger.error("Cannot write the final status: %s", err)
 
     def _install_signals(self) -> Callable[[], None]:
         if threading.current_thread() is not threading.main_thread():
@@ -170,7 +222,7 @@ class DaemonService:
 
     def _sleep(self, seconds: float) -> bool:
         """Wait for an event, a stop or the timeout; True when woken by an event or a stop."""
-        return self.stop.wake.wait(max(0.0, seconds))
+        return self.stop.sleep(seconds)
 
     def _loop(self) -> int:
         while not self.stop.requested:
@@ -179,22 +231,16 @@ class DaemonService:
                 ready, due = self.worker.pending()
                 if ready:
                     outcome = self.worker.process(ready[0])
-                    if outcome == WAITING:
-                        self._sleep(1.0)
+                    if outcome in NO_PROGRESS:
+                        self._sleep(self.backoff.next())
+                    else:
+                        self.backoff.reset()
                     continue
                 self.worker.set_state("idle")
             except StopRequested:
                 break
             except Exception as err:  # noqa: BLE001 - the service must outlive any one failure
-                logger.exception("Unexpected error; recovering the deploy folder, retrying in %.0fs", self.config.poll)
-                self.worker.last_error = {"kind": "internal", "error": f"{type(err).__name__}: {err}",
-                                          "time": now_iso()}
-                try:
-                    self.worker.recover()
-                    self.worker.set_state("idle")
-                except Exception:  # noqa: BLE001
-                    logger.exception("Recovery failed; retrying later")
-                self._sleep(self.config.poll)
+                self._internal_error(err)
                 continue
             if self.watcher is not None and not self.watcher.healthy():
                 logger.warning("The file watcher died; restarting it.")
@@ -203,16 +249,36 @@ class DaemonService:
                 time.sleep(EVENT_SETTLE_SECONDS)
         return EXIT_OK
 
+    def _internal_error(self, err: Exception) -> None:
+        pause = max(self.backoff.next(), min(self.config.poll, 30.0))
+        logger.exception("Unexpected error; recovering the deploy folder, retrying in %.1fs", pause)
+        self.worker.last_error = {"kind": "internal", "error": f"{type(err).__name__}: {err}", "time": now_iso()}
+        try:
+            self.worker.recover()
+            self.worker.set_state("idle")
+        except Exception:  # noqa: BLE001
+            logger.exception("Recovery failed; retrying later")
+        self._sleep(pause)
+
     def _run_once(self) -> int:
+        """Process what is pending now; every drop is taken up at most ONCE_ATTEMPTS times, so this returns."""
+        attempts: dict[tuple[str, str], int] = {}
         while not self.stop.requested:
             ready, _ = self.worker.pending()
             if not ready:
                 break
-            outcome = self.worker.process(ready[0])
-            if outcome == DEFERRED:
+            head = ready[0]
+            mark = (head.key, getattr(head, "fingerprint", ""))
+            attempts[mark] = attempts.get(mark, 0) + 1
+            if attempts[mark] > ONCE_ATTEMPTS:
+                logger.warning("Drop %s made no progress in %d attempts; leaving it for the next run.",
+                               printable(head.name), ONCE_ATTEMPTS)
+                break
+            outcome = self.worker.process(head)
+            if outcome == Outcome.DEFERRED:
                 logger.error("Stopping: %s (see status.json).", (self.worker.last_error or {}).get("error"))
                 return EXIT_DEFERRED
-            if outcome in (STOPPED, WAITING):
+            if outcome in (Outcome.STOPPED, Outcome.WAITING):
                 break
         if self.worker.deferred:
             return EXIT_DEFERRED
@@ -220,4 +286,4 @@ class DaemonService:
             logger.info("Still being written (no READY, not quiet for %.0fs yet): %s", self.config.quiet_period,
                         ", ".join(self.worker.writing))
         self.worker.set_state("idle")
-        return EXIT_OK
+        return EXIT_QUARANTINED if self.worker.quarantined else EXIT_OK

@@ -4,9 +4,10 @@
 DEPLOY/
   versions/v0000/ ...       immutable model versions (v0000 = the base); staged as vNNNN.tmp-<pid>
   current -> versions/vNNNN the live version, switched with a temp symlink + os.replace
-  ledger.jsonl              append-only: one line per drop handled (content hash, task, version, result)
+  ledger.jsonl              append-only: one line per drop handled (ledger.py)
   journal.json              the publish in flight (journal.py)
-  quarantine/<name>/        rejected drops, each with REASON.json
+  incoming/<id>/            drops taken out of the drop folder and not yet handled (intake.py)
+  quarantine/<name>/        rejected drops: REASON.json, and the drop itself under drop/
   ingested/                 merged drops, when after_ingest = "move"
   status.json  metrics.prom  daemon.lock  publish.lock
 ```
@@ -15,7 +16,6 @@ DEPLOY/
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import json
 import logging
@@ -30,6 +30,7 @@ from recall_hf.checkpoint import fsync_dir, is_adapter_dir, write_json
 from recall_hf.safetensors_io import CheckpointReader
 
 from .journal import Journal
+from .ledger import Ledger, Result, now_iso
 
 logger = logging.getLogger(__name__)
 
@@ -54,26 +55,6 @@ def free_bytes(path: Path) -> int:
     return shutil.disk_usage(path).free
 
 
-def now_iso() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
-
-
-def move_tree(src: Path, dst: Path) -> None:
-    """Move a directory to `dst` so that `dst` appears complete or not at all, across filesystems too."""
-    try:
-        os.rename(src, dst)
-        return
-    except OSError as err:
-        if err.errno != errno.EXDEV:
-            raise
-    tmp = dst.with_name(f"{dst.name}{TMP_MARK}{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp)
-    os.rename(tmp, dst)
-    fsync_dir(dst.parent)
-    shutil.rmtree(src)
-
-
 def unique_path(path: Path) -> Path:
     if not path.exists():
         return path
@@ -91,8 +72,9 @@ class DeployStore:
         self.root = Path(root)
         self.versions_dir = self.root / "versions"
         self.current_link = self.root / "current"
-        self.ledger_path = self.root / "ledger.jsonl"
+        self.ledger = Ledger(self.root / "ledger.jsonl")
         self.journal = Journal(self.root / "journal.json")
+        self.incoming_dir = self.root / "incoming"
         self.quarantine_dir = self.root / "quarantine"
         self.ingested_dir = self.root / "ingested"
         self.status_path = self.root / "status.json"
@@ -101,7 +83,7 @@ class DeployStore:
         self.publish_lock_path = self.root / "publish.lock"
 
     def ensure_layout(self) -> None:
-        for d in (self.root, self.versions_dir, self.quarantine_dir):
+        for d in (self.root, self.versions_dir, self.quarantine_dir, self.incoming_dir):
             d.mkdir(parents=True, exist_ok=True)
 
     # -- versions ---------------------------------------------------------------------------------------------------
@@ -191,7 +173,7 @@ class DeployStore:
     def stale_paths(self) -> list[Path]:
         """Leftovers of an interrupted write: `*.tmp-*` entries in the deploy folder and its sub-folders."""
         found = []
-        for folder in (self.root, self.versions_dir, self.quarantine_dir, self.ingested_dir):
+        for folder in (self.root, self.versions_dir, self.quarantine_dir, self.ingested_dir, self.incoming_dir):
             if folder.is_dir():
                 found += [p for p in folder.iterdir() if TMP_MARK in p.name]
         return sorted(found)
@@ -233,50 +215,6 @@ class DeployStore:
             removed.append(name)
             logger.info("Pruned version %s (keeping %s)", name, ", ".join(sorted(keep_set)))
         return removed
-
-    # -- ledger -----------------------------------------------------------------------------------------------------
-    def ledger(self) -> list[dict]:
-        """Every ledger line, oldest first; an unterminated last line (torn by a crash) is ignored."""
-        if not self.ledger_path.exists():
-            return []
-        entries = []
-        raw = self.ledger_path.read_text()
-        lines = raw.split("\n")
-        for i, line in enumerate(lines):
-            if not line.strip():
-                continue
-            try:
-                entries.append(json.loads(line))
-            except json.JSONDecodeError:
-                if i == len(lines) - 1:
-                    logger.warning("Ignoring a torn last line of %s.", self.ledger_path)
-                else:
-                    logger.error("Skipping an unreadable line %d of %s.", i + 1, self.ledger_path)
-        return entries
-
-    def repair_ledger(self) -> None:
-        """Cut a torn, unterminated last line (a crash mid-append) so the next line starts clean."""
-        if not self.ledger_path.exists():
-            return
-        data = self.ledger_path.read_bytes()
-        if data and not data.endswith(b"\n"):
-            keep = data.rfind(b"\n") + 1
-            logger.warning("Cutting a torn last line (%d bytes) off %s.", len(data) - keep, self.ledger_path)
-            with open(self.ledger_path, "r+b") as f:
-                f.truncate(keep)
-                os.fsync(f.fileno())
-
-    def append_ledger(self, entry: dict) -> dict:
-        entry = {"time": now_iso(), **entry}
-        with open(self.ledger_path, "a") as f:
-            f.write(json.dumps(entry, sort_keys=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        return entry
-
-    def merged_hashes(self) -> dict[str, dict]:
-        """Content hash -> ledger line of every drop merged so far (a drop with one of these is a no-op)."""
-        return {e["hash"]: e for e in self.ledger() if e.get("result") == "merged" and e.get("hash")}
 
     # -- status -----------------------------------------------------------------------------------------------------
     def read_status(self) -> dict:
@@ -342,7 +280,7 @@ class DeployStore:
                                  f"{', '.join(self.versions()) or 'none'}.")
             self.check_version(to)
             self.switch_current(to)
-            self.append_ledger({"event": "rollback", "result": "rollback", "from": live, "version": to})
+            self.ledger.append(Result.ROLLBACK, event="rollback", **{"from": live}, version=to)
             status = self.read_status()
             if status:
                 status.update(current=to, updated=now_iso())

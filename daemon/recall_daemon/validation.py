@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,7 +24,7 @@ logger = logging.getLogger(__name__)
 
 ADAPTER_STEM = "adapter_model"
 # The checks, in the order they run; also the `reason` label of the quarantine metric.
-CHECKS = ("layout", "recall_json", "config", "weights", "sha256", "architecture", "samples", "finite", "merge",
+CHECKS = ("layout", "code", "recall_json", "config", "weights", "sha256", "architecture", "samples", "finite", "merge",
           "post_merge")
 
 
@@ -94,9 +95,17 @@ def check_sha256(path: Path, recorded: dict, file_hashes: dict[str, str]) -> Non
                                f"{str(expected)[:16]}...; the file changed or was damaged in transit.")
 
 
+def load_config(model_dir: Path) -> transformers.PretrainedConfig:
+    """A model's config; never runs code from the folder (custom code is refused before, this is the second lock)."""
+    try:
+        return transformers.AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
+    except Exception as err:  # noqa: BLE001 - transformers raises many types for a bad config
+        raise ValueError(f"cannot read config.json: {first_line(err)}") from None
+
+
 def check_full_architecture(drop: Path, deployed: Path, reader: CheckpointReader) -> None:
     from recall_hf.fusion import check_compatible
-    from recall_hf.merge import check_same_architecture, load_config
+    from recall_hf.merge import check_same_architecture
 
     with rejecting("config"):
         json.loads((drop / "config.json").read_text())
@@ -142,39 +151,71 @@ def check_finite(reader: CheckpointReader) -> int:
         reader.close()
 
 
+def read_samples(path: Path, shown: str) -> list[str]:
+    """Typical samples of a drop (or the daemon's probes): UTF-8 `{"text": ...}` lines, none of them blank."""
+    try:
+        texts = read_texts(path)
+    except UnicodeDecodeError as err:
+        raise DropRejected("samples", f"{shown} is not UTF-8 text (byte {err.start}); write one "
+                           '{"text": ...} object per line.') from None
+    except (ValueError, OSError) as err:
+        raise DropRejected("samples", first_line(err).replace(str(path), shown)) from None
+    blank = [i for i, t in enumerate(texts, 1) if not t.strip()]
+    if blank or not texts:
+        raise DropRejected("samples", f"{shown}: text {blank[0]} is blank; typical samples must hold text."
+                           if blank else f"{shown} holds no texts.")
+    return texts
+
+
 def drop_texts(drop: Path, fallback: str | None) -> list[str]:
     path = drop / SAMPLES_NAME
     if path.is_file():
-        with rejecting("samples"):
-            texts = read_texts(path)
-        if texts:
-            return texts
-        raise DropRejected("samples", f"{path} holds no texts.")
+        return read_samples(path, SAMPLES_NAME)
     if fallback:
-        return read_texts(fallback)
+        return read_samples(Path(fallback), str(fallback))
     raise DropRejected("samples", f"no {SAMPLES_NAME} in the drop and the daemon has no --probes; write the "
                        "task's typical samples (recall-hf select-samples, or RecallCallback does it).")
 
 
-def verify_drop(drop: Path, deployed: Path, file_hashes: dict[str, str], probes: str | None = None) -> DropInfo:
+def check_task_count(recall: dict, weights: dict[str, str], produced: Callable[[dict], int | None]) -> int:
+    """A fresh task checkpoint carries 1 task; more only when the drop is a version this deployment produced
+    (its weight files hash to one the ledger or a kept version records, with that version's task count)."""
+    count = recall.get("task_count", 1)
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise DropRejected("recall_json", f"{RECALL_JSON}: task_count must be a positive integer, got {count!r}.")
+    if count == 1:
+        return count
+    known = produced(weights)
+    if known is None:
+        raise DropRejected("recall_json", f"{RECALL_JSON} claims task_count={count}, but the drop is not a version "
+                           "this deployment published; a fresh task checkpoint carries task_count 1.")
+    if known != count:
+        raise DropRejected("recall_json", f"{RECALL_JSON} claims task_count={count}, but this deployment published "
+                           f"these weights with task_count={known}.")
+    return count
+
+
+def verify_drop(drop: Path, deployed: Path, file_hashes: dict[str, str], probes: str | None = None,
+                name: str | None = None, produced: Callable[[dict], int | None] = lambda w: None) -> DropInfo:
     """Every check a drop must pass before it may be merged into the deployed version `deployed`.
 
     Args:
-        drop: the drop directory.
+        drop: the drop directory (already taken and hashed; its layout checked).
         deployed: the live version's directory.
         file_hashes: `{relative path: sha256}` of the drop's files (from its content hash).
         probes: daemon-wide probe file used when the drop ships no `recall_samples.jsonl`.
+        name: the producer's name of the drop (the default task name).
+        produced: weight hashes -> task count of a version this deployment published, or None.
     """
     kind = drop_kind(drop)
     deployed_kind = "adapter" if is_adapter_dir(deployed) else "full"
     if kind != deployed_kind:
         raise DropRejected("architecture", f"the drop is a {kind} checkpoint but the deployed model is a "
                            f"{deployed_kind} one; drop {'adapters' if deployed_kind == 'adapter' else 'full models'}.")
+    weights = {rel: h for rel, h in file_hashes.items() if "/" not in rel and is_weight_file(rel)}
     with rejecting("recall_json"):
         recall = read_recall_json(drop)
-        count = recall.get("task_count", 1)
-        if not isinstance(count, int) or count < 1:
-            raise ValueError(f"{RECALL_JSON}: task_count must be a positive integer, got {count!r}.")
+    check_task_count(recall, weights, produced)
     reader = open_weights(drop, kind)
     check_sha256(drop, recall.get("sha256") or {}, file_hashes)
     if kind == "full":
@@ -183,8 +224,7 @@ def verify_drop(drop: Path, deployed: Path, file_hashes: dict[str, str], probes:
         check_adapter_architecture(drop, deployed)
     texts = drop_texts(drop, probes)
     n = check_finite(reader)
-    task = recall.get("task") or recall.get("task_name") or drop.name
-    weights = {rel: h for rel, h in file_hashes.items() if "/" not in rel and is_weight_file(rel)}
+    task = recall.get("task") or recall.get("task_name") or name or drop.name
     return DropInfo(kind, str(task), texts, recall, n, weights)
 
 
@@ -201,7 +241,7 @@ def forward_model(version: Path, device: str = "cpu", device_map: str | None = N
             cfg = json.loads((version / ADAPTER_CONFIG).read_text())
             base = load_base_model(cfg["base_model_name_or_path"], cfg.get("task_type"), device)
             return PeftModel.from_pretrained(base, str(version)).eval()
-        config = transformers.AutoConfig.from_pretrained(version)
+        config = transformers.AutoConfig.from_pretrained(version, trust_remote_code=False)
         arch = (config.architectures or [None])[0]
         cls = getattr(transformers, arch, None) if arch else None
         if cls is None:
@@ -209,15 +249,22 @@ def forward_model(version: Path, device: str = "cpu", device_map: str | None = N
             cls = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
         # The stored dtype (a bf16 model validates in bf16: half the memory, the same overflow range as fp32).
         if device_map:
-            return cls.from_pretrained(version, dtype="auto", device_map=device_map).eval()
-        return cls.from_pretrained(version, dtype="auto").to(device).eval()
+            return cls.from_pretrained(version, dtype="auto", device_map=device_map, trust_remote_code=False).eval()
+        return cls.from_pretrained(version, dtype="auto", trust_remote_code=False).to(device).eval()
+
+
+def load_tokenizer(model_dir: Path):
+    """The version's tokenizer as a server loads it (never with remote code), padding on the right."""
+    tok = transformers.AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
+    tok.padding_side = "right"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
+    return tok
 
 
 def validate_version(version: Path, texts: list[str], max_texts: int = 8, max_length: int = 256,
                      device: str = "cpu", device_map: str | None = None) -> dict:
     """The merged version loads, its weights are finite, and a forward pass on typical samples is finite."""
-    from recall_hf.representations import load_tokenizer
-
     try:
         model = forward_model(version, device, device_map)
         tok_dir = version

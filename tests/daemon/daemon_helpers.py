@@ -20,7 +20,7 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 from recall_daemon import DaemonConfig, DaemonService, DeployStore
-from recall_daemon.drops import HIDDEN_INGESTED, HIDDEN_QUARANTINE
+from recall_daemon.intake import safe_name
 from recall_daemon.journal import IDLE
 from recall_daemon.store import REASON_NAME
 from recall_hf.checkpoint import READY, weight_hashes
@@ -126,7 +126,7 @@ class Deployment:
         return make_drop(self.drop, name, self.base, **kw)
 
     def ledger(self, result: str | None = None) -> list[dict]:
-        return [e for e in self.store.ledger() if result is None or e.get("result") == result]
+        return [e for e in self.store.ledger.entries() if result is None or e.get("result") == result]
 
     def cli_args(self, *extra: str) -> list[str]:
         return [sys.executable, "-m", "recall_daemon", "daemon", "--drop", str(self.drop), "--deploy",
@@ -275,12 +275,12 @@ def assert_consistent(dep: Deployment, merged: list[str] = (), quarantined: dict
     # Nothing half-written visible.
     leftovers = [p for p in dep.root.rglob("*") if ".tmp-" in p.name]
     assert not leftovers, f"half-written leftovers: {leftovers}"
-    if dep.drop.exists():
-        hidden = [p.name for p in dep.drop.iterdir() if p.name.startswith((HIDDEN_INGESTED, HIDDEN_QUARANTINE))]
-        assert not hidden, f"drops stuck mid-move: {hidden}"
+    if store.incoming_dir.exists():
+        stuck = sorted(p.name for p in store.incoming_dir.iterdir())
+        assert not stuck, f"taken drops never finished: {stuck}"
     assert store.journal.read().state == IDLE
     # The ledger: every line complete JSON, no content merged twice.
-    raw = store.ledger_path.read_text()
+    raw = store.ledger.path.read_text()
     assert raw.endswith("\n")
     lines = [json.loads(line) for line in raw.splitlines() if line.strip()]
     merged_hashes = [e["hash"] for e in lines if e.get("result") == "merged"]
@@ -295,9 +295,10 @@ def assert_consistent(dep: Deployment, merged: list[str] = (), quarantined: dict
         assert names.count(name) == 1, f"{name} folded in {names.count(name)} times (lineage {names})"
         assert not (dep.drop / name).exists(), f"merged drop {name} still in the drop folder"
     for name, check in (quarantined or {}).items():
-        reason = json.loads((store.quarantine_dir / name / REASON_NAME).read_text())
+        reason = json.loads((store.quarantine_dir / safe_name(name) / REASON_NAME).read_text())
         assert reason["check"] == check, f"{name}: quarantined by {reason['check']} ({reason['error']}), not {check}"
-        assert reason["error"] and reason["hash"]
-        assert name not in names and not (dep.drop / name).exists()
+        assert reason["error"] and reason["hash"] and reason["drop"] == name
+        assert name not in names
+        assert reason.get("left_in_place") or not os.path.lexists(dep.drop / name)
     for q in store.quarantine_dir.iterdir():
         assert (q / REASON_NAME).is_file(), f"quarantined {q.name} has no {REASON_NAME}"

@@ -56,11 +56,23 @@ def test_kill_9_then_restart_merges_exactly_once(deployment, point):
     assert_consistent(dep, merged=merged)
 
 
-def test_drops_stuck_mid_move_are_finished_on_start(deployment):
-    """A crash while a drop was being quarantined or removed leaves it under a hidden name; start-up finishes."""
+def test_crash_mid_take_and_mid_quarantine_are_finished_on_start(deployment):
+    """A drop taken into incoming/ (crash before its merge) is merged on restart; a quarantine cut short between
+    moving the drop and the final rename is finished, not deleted with the other leftovers."""
+    import json
+    import os
+
+    from recall_daemon.intake import Intake
+
     dep = deployment
-    dep.add(".quarantine-bad", samples=None)
-    dep.add(".ingested-done")
+    store = dep.store
+    good = dep.add("good", seed=3)
+    Intake(store.incoming_dir).take(good, 1, "READY", None)  # as the daemon does, then "crashes"
+    bad = dep.add("bad", samples=None)
+    tmp = store.quarantine_dir / f"bad.tmp-{os.getpid() + 1}"
+    tmp.mkdir()
+    (tmp / "REASON.json").write_text(json.dumps({"drop": "bad", "hash": "-", "check": "samples", "error": "x"}))
+    os.rename(bad, tmp / "drop")
     assert dep.run_once() == 0
-    assert not (dep.drop / ".ingested-done").exists()
-    assert_consistent(dep, quarantined={"bad": "samples"})
+    assert (store.quarantine_dir / "bad" / "drop" / "model.safetensors").is_file()
+    assert_consistent(dep, merged=["good"], quarantined={"bad": "samples"})

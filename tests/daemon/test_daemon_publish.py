@@ -13,7 +13,7 @@ from daemon_helpers import SAMPLES, assert_consistent, make_drop
 from safetensors.torch import load_file
 
 from recall_daemon import cli
-from recall_daemon.drops import content_hash
+from recall_daemon.intake import content_hash
 from recall_daemon.faults import FAULT_ENV
 from recall_hf.checkpoint import READY, current_umask, weight_hashes
 
@@ -29,9 +29,12 @@ def test_two_drops_become_two_versions_with_a_cumulative_card(deployment):
     store = dep.store
     assert store.current() == "v0002" and store.versions() == ["v0000", "v0001", "v0002"]
     # The report records the real sha256 of both inputs (the daemon passes on what it verified, it does not rehash).
+    # beta was taken into DEPLOY/incoming/ and merged from there (the report names that path).
     inputs = json.loads((store.version_dir("v0002") / "recall_report.json").read_text())["input_hashes"]
-    assert inputs == {str(store.version_dir("v0001")): weight_hashes(store.version_dir("v0001")),
-                      str(beta): beta_hashes}
+    taken = [k for k in inputs if k != str(store.version_dir("v0001"))]
+    assert inputs[str(store.version_dir("v0001"))] == weight_hashes(store.version_dir("v0001"))
+    assert len(taken) == 1 and inputs[taken[0]] == beta_hashes
+    assert os.path.dirname(taken[0]) == str(store.incoming_dir)
     assert store.parent_of("v0002") == "v0001" and store.parent_of("v0001") == "v0000"
     v2 = store.version_dir("v0002")
     for name in ("model.safetensors", "config.json", "tokenizer.json", "recall_report.json", "recall_weights.png",
@@ -147,12 +150,13 @@ def test_injected_enospc_while_staging_keeps_current_and_retries(deployment, mon
     assert dep.run_once() == 1  # deferred, not quarantined
     store = dep.store
     assert store.current() == "v0000" and store.versions() == ["v0000"]
-    assert (dep.drop / "alpha" / READY).exists()
+    assert [p.name for p in store.incoming_dir.iterdir() if not p.name.endswith(".json")]  # taken, waiting
     assert list(store.quarantine_dir.iterdir()) == []
     error = json.loads(store.status_path.read_text())["last_error"]
     assert error["kind"] == "no_space" and error["drop"] == "alpha" and "injected" in error["error"]
     assert 'recall_daemon_drops_deferred_total{reason="no_space"} 1.0' in store.metrics_path.read_text()
     assert not [p for p in dep.deploy.rglob("*") if ".tmp-" in p.name]
+    assert (status := json.loads(store.status_path.read_text()))["queue"] == ["alpha"], status
     monkeypatch.delenv(FAULT_ENV)
     assert dep.run_once() == 0
     assert store.current() == "v0001"
@@ -211,7 +215,7 @@ def test_missing_or_dangling_current_degrades_to_the_last_good_version(deploymen
 
 def test_torn_ledger_line_is_repaired(deployment):
     dep = deployment
-    with open(dep.store.ledger_path, "a") as f:
+    with open(dep.store.ledger.path, "a") as f:
         f.write('{"hash": "abc", "result": "mer')  # a crash mid-append
     dep.add("alpha")
     assert dep.run_once() == 0
@@ -222,7 +226,7 @@ def test_status_command_reports_versions_tasks_and_quarantine(deployment, capsys
     dep = deployment
     dep.add("alpha")
     dep.add("broken", samples=None)
-    assert dep.run_once() == 0
+    assert dep.run_once() == 3
     assert cli.main(["status", "--deploy", str(dep.deploy), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["running"] is False and report["current"] == "v0001" and report["journal"] == "idle"
@@ -248,6 +252,7 @@ def test_empty_deploy_without_base_is_a_clear_error(tmp_path, capsys):
     rc = cli.main(["daemon", "--drop", str(tmp_path / "d"), "--deploy", str(tmp_path / "p"), "--once"])
     assert rc == 2
     assert "pass --base MODEL_DIR" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # a failed start leaves no skeleton, lock or status behind
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["daemon", "--help"], ["status", "--help"], ["rollback", "--help"]])

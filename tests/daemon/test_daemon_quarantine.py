@@ -86,7 +86,7 @@ def test_bad_drop_is_quarantined_with_its_reason(deployment, fault):
         (d / "READY").unlink()
         after(d)
         (d / "READY").touch()
-    assert deployment.run_once() == 0
+    assert deployment.run_once() == 3  # something was quarantined
     store = deployment.store
     assert store.current() == "v0000" and store.versions() == ["v0000"]
     reason = json.loads((store.quarantine_dir / "bad" / "REASON.json").read_text())
@@ -100,7 +100,7 @@ def test_bad_drop_is_quarantined_with_its_reason(deployment, fault):
 @pytest.mark.parametrize("other", ["qwen2", "hidden32", "layers3"])
 def test_wrong_architecture_is_quarantined(deployment, other_models, other):
     deployment.add("other", source=other_models[other])
-    assert deployment.run_once() == 0
+    assert deployment.run_once() == 3
     reason = json.loads((deployment.store.quarantine_dir / "other" / "REASON.json").read_text())
     expected = {"qwen2": "model_type", "hidden32": "hidden_size", "layers3": "layers"}[other]
     assert expected in reason["error"]
@@ -116,7 +116,7 @@ def test_the_daemon_goes_on_after_a_bad_drop(deployment):
     dep.add("bad", mutate=nan_norm)
     dep.add("good", seed=2)
     dep.add("bad-too", samples=None)
-    assert dep.run_once() == 0
+    assert dep.run_once() == 3
     assert dep.store.current() == "v0001"
     assert_consistent(dep, merged=["good"], quarantined={"bad": "finite", "bad-too": "samples"})
 
@@ -124,9 +124,9 @@ def test_the_daemon_goes_on_after_a_bad_drop(deployment):
 def test_same_name_quarantined_twice_keeps_both(deployment):
     dep = deployment
     dep.add("bad", samples=None)
-    assert dep.run_once() == 0
+    assert dep.run_once() == 3
     dep.add("bad", samples=None, seed=5)
-    assert dep.run_once() == 0
+    assert dep.run_once() == 3
     names = sorted(p.name for p in dep.store.quarantine_dir.iterdir())
     assert names == ["bad", "bad-2"]
     assert_consistent(dep)

@@ -17,6 +17,7 @@ from daemon_helpers import assert_consistent, make_drop, wait_exit
 
 from recall_daemon import cli
 from recall_daemon.faults import FAULT_ENV
+from recall_daemon.intake import Intake
 from recall_daemon.journal import INTENT
 
 pytest_plugins = ["daemon_fixtures"]
@@ -85,7 +86,8 @@ def test_sigterm_mid_merge_exits_0_and_leaves_nothing_half_done(deployment):
     assert rc == 0
     store = dep.store
     assert store.journal.read().state == "idle" and store.current() == "v0000"
-    assert (dep.drop / "alpha" / "READY").exists() and dep.ledger("merged") == []
+    assert dep.ledger("merged") == [] and not (dep.drop / "alpha").exists()
+    assert [t.name for t in Intake(store.incoming_dir).taken()] == ["alpha"]  # taken, merged on the next start
     assert dep.status()["state"] == "stopped"
     assert dep.run_once() == 0  # the next start merges it, once
     assert_consistent(dep, merged=["alpha"])

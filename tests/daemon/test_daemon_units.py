@@ -13,6 +13,7 @@ from recall_daemon import DaemonConfig
 from recall_daemon.cli import build_config, build_parser
 from recall_daemon.drops import scan
 from recall_daemon.journal import INTENT, MERGED, Journal, JournalEntry
+from recall_daemon.ledger import Result
 from recall_daemon.store import DeployStore
 from recall_daemon.validation import DropRejected
 
@@ -87,14 +88,15 @@ def test_scan_orders_by_arrival_then_name_and_holds_back_unquiet_drops(tmp_path)
 
 
 def test_ledger_ignores_a_torn_last_line(tmp_path):
-    store = DeployStore(tmp_path)
-    store.append_ledger({"hash": "a", "result": "merged"})
-    with open(store.ledger_path, "a") as f:
+    ledger = DeployStore(tmp_path).ledger
+    ledger.append(Result.MERGED, hash="a")
+    with open(ledger.path, "a") as f:
         f.write('{"hash": "b", "res')
-    assert [e["hash"] for e in store.ledger()] == ["a"]
-    store.repair_ledger()
-    store.append_ledger({"hash": "c", "result": "merged"})
-    assert [json.loads(line)["hash"] for line in store.ledger_path.read_text().splitlines()] == ["a", "c"]
+    assert [e["hash"] for e in ledger.entries()] == ["a"]
+    ledger.repair()
+    ledger.append(Result.MERGED, hash="c")
+    assert [json.loads(line)["hash"] for line in ledger.path.read_text().splitlines()] == ["a", "c"]
+    assert set(ledger.merged()) == {"a", "c"}
 
 
 def test_unknown_check_name_is_a_programming_error():

@@ -1,0 +1,225 @@
+"""The journaled publisher: a drop's merge goes `intent -> merged -> published -> idle` (RELIABILITY rules 4, 6, 12).
+
+- `begin`: journal `intent` (nothing visible yet; the staging dir is `versions/vNNNN.tmp-<pid>/`).
+- `build`: RECALL merge of the live version and the taken drop into the staging dir, model card, post-merge
+  validation. Interruptible: a stop or a failure `abandon`s the staging dir and the journal goes back to idle.
+- `seal`: fsync everything, journal `merged`.
+- `publish`: under `publish.lock`, rename to `versions/vNNNN`, fsync, switch `current`, journal `published`
+  (False when `current` moved meanwhile: a rollback; the drop is merged again on top of it).
+- `record` + `complete`: the ledger line naming the content that went live, then journal `idle`.
+
+Also `publish_base`: the base model as `versions/v0000` when a deploy folder is empty.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from recall_hf.checkpoint import (
+    NOT_COPIED,
+    RECALL_JSON,
+    apply_umask,
+    fsync_dir,
+    fsync_tree,
+    is_adapter_dir,
+    read_recall_json,
+    weight_hashes,
+    write_json,
+)
+from recall_hf.merge import recall_merge
+
+from .config import DaemonConfig
+from .faults import crash_point
+from .intake import TakenDrop, check_contents, scan_layout
+from .journal import IDLE, INTENT, MERGED, PUBLISHED, JournalEntry
+from .ledger import Result
+from .metrics import Metrics
+from .modelcard import version_info, weight_summary, write_version_files
+from .stop import StopToken
+from .store import TMP_MARK, DeployStore, now_iso
+from .validation import DropInfo, DropRejected, drop_kind, open_weights, validate_version
+
+logger = logging.getLogger(__name__)
+
+SMOKE_TEXTS = ["The quick brown fox jumps over the lazy dog.", "Hello, world!"]
+
+
+def recorded_hashes(version: Path) -> dict[str, str]:
+    """The weight-file sha256 a version recorded in its `recall.json` when it was written; `{}` if unreadable."""
+    try:
+        hashes = read_recall_json(version).get("sha256")
+    except (OSError, ValueError):
+        return {}
+    return hashes if isinstance(hashes, dict) else {}
+
+
+class Publisher:
+    """Stages, validates and publishes versions of one deploy folder, every step journaled."""
+
+    def __init__(self, config: DaemonConfig, store: DeployStore, metrics: Metrics, stop: StopToken,
+                 set_state: Callable[[str], None]):
+        self.config, self.store, self.metrics, self.stop = config, store, metrics, stop
+        self.set_state = set_state
+
+    # -- a drop's merge -------------------------------------------------------------------------------------------
+    def begin(self, taken: TakenDrop, digest: str, task: str, parent: str) -> JournalEntry:
+        version = self.store.next_version()
+        stage = self.store.versions_dir / f"{version}{TMP_MARK}{os.getpid()}"
+        entry = JournalEntry(INTENT, drop=taken.name, drop_path=str(taken.path), hash=digest, task=task,
+                             version=version, parent=parent, staging=str(stage), started=now_iso())
+        entry = self.store.journal.write(entry)
+        crash_point("intent")
+        return entry
+
+    def build(self, entry: JournalEntry, taken: TakenDrop, info: DropInfo) -> None:
+        """Merge, card and validate into the staging dir; raises on anything that must keep it from going live."""
+        stage, drop = Path(entry.staging), taken.path
+        shutil.rmtree(stage, ignore_errors=True)
+        stage.mkdir()
+        work = stage / "merged"
+        # Task-vector fusion measures every task vector from the base (v0000): only for drops fine-tuned from it.
+        base = self.store.version_dir("v0000") if self.config.recall.fusion == "task_vector" else None
+        if base is not None and is_adapter_dir(drop):
+            base = None  # adapter merges take their base from adapter_config.json
+        # Hashes already known: the drop's were computed while it was taken; every version records its own.
+        parent_dir = self.store.version_dir(entry.parent)
+        known = {str(d): recorded_hashes(d) for d in [parent_dir] + ([base] if base else [])}
+        known[str(drop)] = info.weight_hashes
+        report = recall_merge([parent_dir, drop], info.texts, work, self.config.recall, base=base, progress=False,
+                              known_hashes=known)
+        for p in work.iterdir():
+            os.rename(p, stage / p.name)
+        work.rmdir()
+        created = now_iso()
+        tasks = list(self.store.version_info(entry.parent).get("tasks", []))
+        tasks.append({"task": info.task, "name": taken.name, "hash": entry.hash, "time": created,
+                      "version": entry.version, "weights": weight_summary(report.weights)})
+        write_version_files(stage, version_info(entry.version, entry.parent, created, report.output_task_count,
+                                                tasks, f"merge-{report.kind}"))
+        apply_umask(stage)  # nothing executable, readable by a server running as another user
+        self.set_state(f"validating {entry.version}")
+        result = validate_version(stage, info.texts, self.config.validate_samples, self.config.recall.max_length,
+                                  self.config.recall.device, self.config.recall.device_map)
+        logger.info("Version %s validated: forward pass on %d typical samples is finite", entry.version,
+                    result["texts"])
+
+    def seal(self, entry: JournalEntry, started: float) -> JournalEntry:
+        fsync_tree(Path(entry.staging))
+        entry = self.store.journal.write(entry.advance(MERGED, merge_seconds=round(time.monotonic() - started, 3)))
+        crash_point("merged")
+        return entry
+
+    def publish(self, entry: JournalEntry, recovering: bool = False) -> bool:
+        """Rename the staged version into place and switch `current`; False when `current` moved meanwhile."""
+        stage, final = Path(entry.staging), self.store.version_dir(entry.version)
+        with self.store.publish_lock():
+            live = self.store.current()
+            if live != entry.version:
+                if live not in (entry.parent, None):
+                    logger.warning("`current` moved from %s to %s while %s was merged (a rollback?); the drop %s "
+                                   "is merged again into %s.", entry.parent, live, entry.version, entry.drop, live)
+                    return False
+                if not final.exists():
+                    if not stage.is_dir():
+                        logger.warning("Neither %s nor its staging dir exists; the drop %s is merged again.",
+                                       final, entry.drop)
+                        return False
+                    os.rename(stage, final)
+                    fsync_dir(self.store.versions_dir)
+                crash_point("renamed")
+                self.store.switch_current(entry.version)
+                crash_point("switched")
+        self.store.journal.write(entry.advance(PUBLISHED))
+        crash_point("published")
+        if recovering:
+            logger.info("Recovered: %s is live.", entry.version)
+        return True
+
+    def record(self, entry: JournalEntry) -> None:
+        """The ledger line of a published drop (once, even when recovery runs this again)."""
+        if entry.hash not in self.store.ledger.merged():
+            self.store.ledger.append(Result.MERGED, hash=entry.hash, drop=entry.drop, task=entry.task,
+                                     version=entry.version, parent=entry.parent, merge_seconds=entry.merge_seconds,
+                                     version_sha256=recorded_hashes(self.store.version_dir(entry.version)))
+            self.metrics.ingested.inc()
+            if entry.merge_seconds:
+                self.metrics.merge_seconds.observe(entry.merge_seconds)
+        crash_point("ledger")
+
+    def complete(self, entry: JournalEntry) -> None:
+        self.store.journal.write(entry.advance(IDLE))
+
+    def abandon(self, entry: JournalEntry, remove_version: bool = False) -> None:
+        """Undo an unpublished merge: remove its staging (and never-live version) dir, journal back to idle."""
+        if entry.staging:
+            shutil.rmtree(entry.staging, ignore_errors=True)
+        final = self.store.versions_dir / entry.version if entry.version else None
+        if remove_version and final is not None and final.is_dir() and self.store.current() != entry.version:
+            doomed = final.with_name(f"{final.name}{TMP_MARK}{os.getpid()}.discarded")
+            os.rename(final, doomed)
+            fsync_dir(self.store.versions_dir)
+            shutil.rmtree(doomed, ignore_errors=True)
+        self.store.journal.write(entry.advance(IDLE))
+
+    def produced_task_count(self, weights: dict[str, str]) -> int | None:
+        """Task count of the version this deployment published with exactly these weight files, or None."""
+        key = json.dumps(weights, sort_keys=True)
+        line = self.store.ledger.published_weights().get(key)
+        if line is not None:
+            return int(self.store.version_info(line["version"]).get("task_count") or 0) or None
+        for name in self.store.versions():
+            if json.dumps(recorded_hashes(self.store.version_dir(name)), sort_keys=True) == key:
+                return int(self.store.version_info(name).get("task_count") or 0) or None
+        return None
+
+    # -- the base -------------------------------------------------------------------------------------------------
+    def publish_base(self, base: Path, probe_texts: list[str] | None) -> str:
+        if not base.is_dir():
+            raise ValueError(f"--base {base} is not a directory.")
+        try:
+            kind = drop_kind(base)
+            open_weights(base, kind)
+        except DropRejected as rej:
+            raise ValueError(f"--base {base} is not a usable model: {rej.message}") from None
+        stage = self.store.versions_dir / f"v0000{TMP_MARK}{os.getpid()}"
+        shutil.rmtree(stage, ignore_errors=True)
+        stage.mkdir()
+        try:
+            with self.stop.interruptible():
+                self._stage_base(base, stage, kind, probe_texts)
+            fsync_tree(stage)
+            os.rename(stage, self.store.version_dir("v0000"))
+            fsync_dir(self.store.versions_dir)
+        except BaseException:
+            shutil.rmtree(stage, ignore_errors=True)
+            raise
+        self.store.switch_current("v0000")
+        self.store.ledger.append(Result.INIT, event="init", version="v0000", kind=kind, source=str(base.resolve()))
+        logger.info("Initialised %s with the base model %s as v0000 (%s).", self.store.root, base, kind)
+        return "v0000"
+
+    def _stage_base(self, base: Path, stage: Path, kind: str, probe_texts: list[str] | None) -> None:
+        for p in sorted(base.iterdir()):
+            if p.is_file() and p.name not in NOT_COPIED and not p.name.startswith("."):
+                shutil.copy2(p, stage / p.name)  # an operator's base may be a cache snapshot of symlinks
+        try:
+            check_contents(stage, scan_layout(stage))
+        except DropRejected as rej:
+            raise ValueError(f"--base {base}: {rej.message}") from None
+        created = now_iso()
+        write_json(stage / RECALL_JSON, {"kind": "recall-daemon-base", "task_count": 0,
+                                         "source": str(base.resolve()), "created": created,
+                                         "sha256": weight_hashes(stage)})
+        write_version_files(stage, version_info("v0000", None, created, 0, [], "base", str(base.resolve())))
+        try:
+            validate_version(stage, probe_texts or SMOKE_TEXTS, self.config.validate_samples,
+                             self.config.recall.max_length, self.config.recall.device, self.config.recall.device_map)
+        except DropRejected as rej:
+            raise ValueError(f"--base {base} fails validation: {rej.message}") from None
+        apply_umask(stage)  # copied base files keep their modes (transformers writes weights 0600)
