@@ -160,15 +160,15 @@ class Deployment:
         _, status = os.waitpid(pid, 0)
         return -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
 
-    def fork_daemon(self, env: dict[str, str] | None = None, **config) -> int:
-        """Start the long-running daemon in a forked child; returns its pid (see `wait_exit`)."""
+    def fork_daemon(self, env: dict[str, str] | None = None, once: bool = False, **config) -> int:
+        """Start the daemon (long-running, or `--once`) in a forked child; returns its pid (see `wait_exit`)."""
         pid = os.fork()
         if pid == 0:
             code = 70
             try:
                 os.environ.update(env or {})
                 torch.set_num_threads(1)
-                code = DaemonService(self.config(**config)).run()
+                code = DaemonService(self.config(**config)).run(once=once)
             except BaseException:  # noqa: BLE001
                 traceback.print_exc()
             finally:
@@ -293,7 +293,8 @@ def assert_consistent(dep: Deployment, merged: list[str] = (), quarantined: dict
     names = [t["name"] for t in tasks]
     for name in merged:
         assert names.count(name) == 1, f"{name} folded in {names.count(name)} times (lineage {names})"
-        assert not (dep.drop / name).exists(), f"merged drop {name} still in the drop folder"
+        left = {e.get("drop") for e in lines if e.get("left_in_place")}  # merged from a copy, recorded once
+        assert name in left or not (dep.drop / name).exists(), f"merged drop {name} still in the drop folder"
     for name, check in (quarantined or {}).items():
         reason = json.loads((store.quarantine_dir / safe_name(name) / REASON_NAME).read_text())
         assert reason["check"] == check, f"{name}: quarantined by {reason['check']} ({reason['error']}), not {check}"

@@ -13,8 +13,8 @@ from daemon_helpers import SAMPLES, assert_consistent, make_drop
 from safetensors.torch import load_file
 
 from recall_daemon import cli
-from recall_daemon.intake import content_hash
 from recall_daemon.faults import FAULT_ENV
+from recall_daemon.intake import content_hash
 from recall_hf.checkpoint import READY, current_umask, weight_hashes
 
 pytest_plugins = ["daemon_fixtures"]
