@@ -150,8 +150,8 @@ class DaemonService:
         lock = InstanceLock(self.store.lock_path)
         try:
             lock.acquire()
-        except BaseException:
-            remove_created(absent)
+        except BaseException:  # another instance owns everything here: only an empty root we made goes
+            remove_created([p for p in absent if p == self.store.root])
             raise
         restore_signals = self._install_signals()
         started = False
@@ -167,21 +167,7 @@ class DaemonService:
                 gc.freeze()
                 if once:
                     return self._run_once()
-                if self.config.metrics_port is not None:
-                    self.worker.metrics_port = self.metrics.serve(self.config.metrics_port, self.config.metrics_addr)
-                if self.config.events:
-                    self.watcher = DropWatcher(Path(self.config.drop_dir), self.stop.wake,
-                                               self.config.polling_observer, max(0.5, min(self.config.poll / 4, 5.0)))
-                    try:
-                        self.watcher.start()
-                        self.worker.watcher = self.watcher.kind
-                    except OSError as err:
-                        logger.warning("Cannot watch %s (%s); relying on rescans every %.0fs.", self.config.drop_dir,
-                                       err, self.config.poll)
-                        self.worker.watcher = "rescan-only"
-                else:
-                    self.worker.watcher = "rescan-only"
-                return self._loop()
+                return self._serve()
         except StopRequested:
             return EXIT_OK
         finally:
@@ -196,6 +182,22 @@ class DaemonService:
             if not started:
                 remove_created(absent)
             logger.info("recall-daemon stopped.")
+
+    def _serve(self) -> int:
+        """The long-running daemon: metrics server, file watcher, then the loop until a stop."""
+        if self.config.metrics_port is not None:
+            self.worker.metrics_port = self.metrics.serve(self.config.metrics_port, self.config.metrics_addr)
+        self.worker.watcher = "rescan-only"
+        if self.config.events:
+            self.watcher = DropWatcher(Path(self.config.drop_dir), self.stop.wake, self.config.polling_observer,
+                                       max(0.5, min(self.config.poll / 4, 5.0)))
+            try:
+                self.watcher.start()
+                self.worker.watcher = self.watcher.kind
+            except OSError as err:
+                logger.warning("Cannot watch %s (%s); relying on rescans every %.0fs.", self.config.drop_dir, err,
+                               self.config.poll)
+        return self._loop()
 
     def _final_status(self) -> None:
         try:

@@ -154,6 +154,7 @@ def test_injected_enospc_while_staging_keeps_current_and_retries(deployment, mon
     assert list(store.quarantine_dir.iterdir()) == []
     error = json.loads(store.status_path.read_text())["last_error"]
     assert error["kind"] == "no_space" and error["drop"] == "alpha" and "injected" in error["error"]
+    assert str(store.versions_dir) in error["error"]  # the error names where space ran out
     assert 'recall_daemon_drops_deferred_total{reason="no_space"} 1.0' in store.metrics_path.read_text()
     assert not [p for p in dep.deploy.rglob("*") if ".tmp-" in p.name]
     assert (status := json.loads(store.status_path.read_text()))["queue"] == ["alpha"], status
