@@ -9,8 +9,6 @@ from daemon_helpers import Deployment, assert_consistent, make_adapter_drop
 
 pytest_plugins = ["daemon_fixtures"]
 
-pytest.importorskip("recall_hf.adapters", reason="adapter merging (recall_hf/adapters.py) is not available")
-
 
 @pytest.fixture
 def adapter_deployment(tmp_path, tiny_base) -> Deployment:

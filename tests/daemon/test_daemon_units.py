@@ -121,3 +121,40 @@ def test_unknown_crash_point_is_refused(tmp_path, tiny_base, monkeypatch):
     monkeypatch.setenv(CRASH_ENV, "somewhere")
     with pytest.raises(ValueError, match="not a crash point"):
         Deployment(tmp_path, tiny_base).run_once()
+
+
+def test_backoff_doubles_to_its_cap_and_resets():
+    from recall_daemon.service import Backoff
+
+    b = Backoff(first=0.5, cap=3.0)
+    assert [b.next() for _ in range(5)] == [0.5, 1.0, 2.0, 3.0, 3.0]
+    b.reset()
+    assert b.next() == 0.5
+
+
+def test_names_of_any_length_and_character_become_safe_folder_names():
+    from recall_daemon.intake import printable, safe_name
+
+    assert safe_name("task-a") == "task-a"
+    odd = ["x" * 255, "a\nb", "..", ".hidden", "é" * 120, "a/b"]
+    names = [safe_name(n) for n in odd]
+    assert len(set(names)) == len(odd)
+    for n in names:
+        assert len(n.encode()) <= 200 and n.isprintable() and "/" not in n and not n.startswith(".")
+    assert printable("a\nb\tc") == "a\\nb\\tc" and printable("données") == "données"
+
+
+def test_layout_check_refuses_without_following(tmp_path):
+    from recall_daemon.intake import check_contents, scan_layout
+
+    d = tmp_path / "drop"
+    (d / "sub").mkdir(parents=True)
+    (d / "sub" / "a.json").write_text("{}")
+    assert scan_layout(d) == {"sub/a.json": 2}
+    os.symlink("/dev/zero", d / "sub" / "z")
+    with pytest.raises(DropRejected, match=r"sub/z is a symlink \(-> /dev/zero\)"):
+        scan_layout(d)
+    (d / "sub" / "z").unlink()
+    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": "/etc/passwd"}}))
+    with pytest.raises(DropRejected, match="leaves the drop"):
+        check_contents(d, scan_layout(d))
