@@ -144,9 +144,11 @@ class Publisher:
     def record(self, entry: JournalEntry) -> None:
         """The ledger line of a published drop (once, even when recovery runs this again)."""
         if entry.hash not in self.store.ledger.merged():
+            version = self.store.version_dir(entry.version)
             self.store.ledger.append(Result.MERGED, hash=entry.hash, drop=entry.drop, task=entry.task,
                                      version=entry.version, parent=entry.parent, merge_seconds=entry.merge_seconds,
-                                     version_sha256=recorded_hashes(self.store.version_dir(entry.version)))
+                                     version_sha256=recorded_hashes(version),
+                                     task_count=self.store.version_info(entry.version).get("task_count"))
             self.metrics.ingested.inc()
             if entry.merge_seconds:
                 self.metrics.merge_seconds.observe(entry.merge_seconds)
@@ -171,8 +173,8 @@ class Publisher:
         """Task count of the version this deployment published with exactly these weight files, or None."""
         key = json.dumps(weights, sort_keys=True)
         line = self.store.ledger.published_weights().get(key)
-        if line is not None:
-            return int(self.store.version_info(line["version"]).get("task_count") or 0) or None
+        if line is not None and isinstance(line.get("task_count"), int):
+            return line["task_count"]  # recorded with the line: still known after the version was pruned
         for name in self.store.versions():
             if json.dumps(recorded_hashes(self.store.version_dir(name)), sort_keys=True) == key:
                 return int(self.store.version_info(name).get("task_count") or 0) or None
