@@ -56,7 +56,7 @@ class Disposal:
             else:
                 self._delete(path)
         if ident:
-            self.intake.drop(TakenDrop(ident, name, path))
+            self.intake.forget(TakenDrop(ident, name, path))
 
     def _delete(self, path: Path) -> None:
         doomed = path.with_name(f"{path.name}{TMP_MARK}{os.getpid()}.deleting")
@@ -74,7 +74,7 @@ class Disposal:
         os.rename(taken.path, tmp / QUARANTINED_DROP)
         os.rename(tmp, dest)
         fsync_dir(self.store.quarantine_dir)
-        self.intake.drop(taken)
+        self.intake.forget(taken)
         self._record(taken.name, digest, rej, dest, {})
 
     def quarantine_in_place(self, path: Path, fingerprint: str, rej: DropRejected, parent: str | None) -> None:

@@ -245,8 +245,8 @@ class Intake:
              check: Callable[[], None] | None = None) -> tuple[TakenDrop, bool]:
         """Move the drop at `path` into `incoming/`. Returns `(taken, removed)`: `removed` is False when it was
         copied but its original could not be deleted. Raises FileNotFoundError when it vanished, CannotTake when it
-        can be neither renamed nor (hostile layout, unreadable) copied, OSError(ENOSPC) when the copy ran out of
-        space."""
+        can be neither renamed nor (hostile layout, unreadable) copied, DropChanged when it changed while it was
+        copied, OSError(ENOSPC) when the copy ran out of space."""
         self.folder.mkdir(parents=True, exist_ok=True)
         ident = f"d{time.time_ns()}"
         dest = self.folder / ident
@@ -259,20 +259,22 @@ class Intake:
             fsync_dir(path.parent)
             return taken, True
         except FileNotFoundError:
-            self.drop(taken)
+            self.forget(taken)
             raise
         except OSError as err:
             reason = err
         if sizes is None:
-            self.drop(taken)
+            self.forget(taken)
             raise CannotTake(f"cannot move it out of the drop folder ({reason.strerror or reason})")
         try:
             self._copy(path, dest, sizes, check)
-        except (DropChanged, PermissionError) as err:
-            self.drop(taken)
+        except OSError as err:
+            self.forget(taken)
+            if is_space_error(err) or isinstance(err, FileNotFoundError):
+                raise
             raise CannotTake(f"cannot move it ({reason.strerror or reason}) nor copy it ({err})") from None
-        except BaseException:
-            self.drop(taken)
+        except BaseException:  # DropChanged (still being written), a stop
+            self.forget(taken)
             raise
         try:
             shutil.rmtree(path)
@@ -303,7 +305,7 @@ class Intake:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
 
-    def drop(self, taken: TakenDrop) -> None:
+    def forget(self, taken: TakenDrop) -> None:
         """Forget a taken drop's sidecar (after the drop itself left `incoming/`)."""
         (self.folder / f"{taken.ident}{META_SUFFIX}").unlink(missing_ok=True)
 

@@ -176,6 +176,9 @@ class Worker:
         except FileNotFoundError:
             logger.info("Drop %s vanished before it was taken.", printable(drop.name))
             return Outcome.GONE
+        except DropChanged as err:
+            logger.info("Drop %s is still being written (%s); waiting for it to settle.", printable(drop.name), err)
+            return Outcome.WAITING
         except CannotTake as err:
             rejected = rejected or DropRejected("layout", str(err))
             self.disposal.quarantine_in_place(drop.path, drop.fingerprint, rejected, parent)
