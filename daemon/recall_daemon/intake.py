@@ -208,11 +208,11 @@ class TakenDrop:
         return f"incoming/{self.ident}"
 
 
+@dataclass(frozen=True)
 class Intake:
     """`DEPLOY/incoming/`: drops the daemon has taken and not yet merged, quarantined or removed."""
 
-    def __init__(self, folder: Path):
-        self.folder = Path(folder)
+    folder: Path
 
     def taken(self) -> list[TakenDrop]:
         """Taken drops, oldest first (a crash or a deferral leaves one here; it is processed before new ones)."""

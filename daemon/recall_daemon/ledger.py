@@ -38,6 +38,8 @@ def now_iso() -> str:
 
 
 class Ledger:
+    """`DEPLOY/ledger.jsonl`: read, repaired and appended to by the daemon (and `recall-hf rollback`)."""
+
     def __init__(self, path: Path):
         self.path = Path(path)
 
