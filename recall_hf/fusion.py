@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .compat import check_compatible
 from .layers import LayerMap
 from .safetensors_io import DTYPE_NAMES, DTYPES, CheckpointReader, StreamingWriter
 
@@ -59,25 +60,6 @@ def fuse_tensor(
         out.zero_()
     _check_finite(out, name)
     return out
-
-
-def check_compatible(readers: list[CheckpointReader]) -> None:
-    """Every model must hold the same tensor names with the same shapes (dtypes may differ)."""
-    ref = readers[-1]
-    for r in readers[:-1]:
-        missing, extra = set(ref.tensors) - set(r.tensors), set(r.tensors) - set(ref.tensors)
-        if missing or extra:
-            example = sorted(missing or extra)[0]
-            raise ValueError(
-                f"{r.dir} and {ref.dir} hold different tensors (e.g. {example!r}); "
-                "merge only models of one architecture."
-            )
-        for name, info in ref.tensors.items():
-            if r.tensors[name].shape != info.shape:
-                raise ValueError(
-                    f"Tensor {name!r} is {r.tensors[name].shape} in {r.dir} but {info.shape} in "
-                    f"{ref.dir}; the architectures differ."
-                )
 
 
 def output_dtypes(reader: CheckpointReader, dtype: str | None) -> dict[str, str]:

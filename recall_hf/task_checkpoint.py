@@ -17,18 +17,16 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .checkpoint import (
+from .durable import fsync_dir, staged_dir, write_json
+from .modeldir import (
     ADAPTER_CONFIG,
     NOT_COPIED,
     READY,
     RECALL_JSON,
-    fsync_dir,
     is_adapter_dir,
     is_weight_file,
     read_recall_json,
-    staged_dir,
     weight_hashes,
-    write_json,
 )
 from .samples import SAMPLES_NAME, write_samples
 

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from recall_hf.checkpoint import READY, sha256_file
+from recall_hf.modeldir import READY, sha256_file
 
 IN_PROGRESS_SUFFIXES = (".tmp", ".partial", ".incomplete")
 # Prefixes the daemon itself gives a drop it is taking out of the folder (see worker.py).

@@ -9,7 +9,7 @@ from daemon_helpers import Deployment, assert_consistent, make_adapter_drop
 
 pytest_plugins = ["daemon_fixtures"]
 
-pytest.importorskip("recall_hf.adapters", reason="adapter merging (recall_hf/adapters.py) is not available")
+pytest.importorskip("recall_hf.lora.merge", reason="adapter merging (recall_hf/lora/) is not available")
 
 
 @pytest.fixture
