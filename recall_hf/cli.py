@@ -55,16 +55,7 @@ def _cmd_fold(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="recall-hf",
-        description="RECALL continual merging for Hugging Face models (arXiv 2510.20479): typical samples, "
-        "per-layer representation similarity, per-layer softmax weights, streaming layer-wise fusion.",
-    )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def _add_merge(sub) -> None:
     m = sub.add_parser(
         "merge",
         help="merge model (or LoRA adapter) directories with RECALL",
@@ -73,25 +64,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     m.add_argument("models", nargs="+", help="model or adapter directories, oldest first, newest last")
     m.add_argument("--out", required=True, help="output directory (must not exist; written atomically)")
-    m.add_argument(
-        "--probes",
-        default=None,
-        help='jsonl of {"text": ...} (or .txt); more than k texts are reduced to typical samples. '
-        "Default: recall_samples.jsonl of the newest model",
-    )
-    m.add_argument(
-        "--task-counts",
-        default=None,
-        help="comma-separated tasks each model carries (default: from each recall.json, else 1)",
-    )
-    m.add_argument(
-        "--base",
-        default=None,
-        help="base model dir: for adapter merges (default: from adapter_config.json) and --fusion task_vector",
-    )
+    m.add_argument("--probes", default=None, help='jsonl of {"text": ...} (or .txt); more than k texts are reduced '
+                   "to typical samples. Default: recall_samples.jsonl of the newest model")
+    m.add_argument("--task-counts", default=None,
+                   help="comma-separated tasks each model carries (default: from each recall.json, else 1)")
+    m.add_argument("--base", default=None, help="base model dir: for adapter merges (default: from "
+                   "adapter_config.json) and --fusion task_vector")
     add_dataclass_args(m.add_argument_group("RECALL settings (RecallConfig)"), RecallConfig)
     m.set_defaults(func=_cmd_merge)
 
+
+def _add_select_samples(sub) -> None:
     s = sub.add_parser(
         "select-samples",
         help="write recall_samples.jsonl (typical samples) for a model",
@@ -104,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_args(s.add_argument_group("RECALL settings (RecallConfig)"), RecallConfig, SELECT_FIELDS)
     s.set_defaults(func=_cmd_select)
 
+
+def _add_fold(sub) -> None:
     f = sub.add_parser(
         "fold",
         help="fold a (merged) LoRA adapter into full model weights",
@@ -115,6 +100,19 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--base", default=None, help="base model dir (default: base_model_name_or_path of the adapter)")
     f.set_defaults(func=_cmd_fold)
 
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="recall-hf",
+        description="RECALL continual merging for Hugging Face models (arXiv 2510.20479): typical samples, "
+        "per-layer representation similarity, per-layer softmax weights, streaming layer-wise fusion.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_merge(sub)
+    _add_select_samples(sub)
+    _add_fold(sub)
     add_plugin_commands(sub)
     return parser
 

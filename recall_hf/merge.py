@@ -69,7 +69,7 @@ def prepare_merge(
 
 def check_coefficients(plan: MergePlan, coefficients: torch.Tensor) -> torch.Tensor:
     """Replacement coefficients must have the plan's shape and be finite."""
-    coefficients = torch.as_tensor(coefficients, dtype=torch.float32)
+    coefficients = torch.as_tensor(coefficients, dtype=plan.coefficients.dtype)
     if coefficients.shape != plan.coefficients.shape:
         raise ValueError(f"Coefficients of shape {tuple(coefficients.shape)} do not fit the plan's "
                          f"{tuple(plan.coefficients.shape)} (layers + 1, models).")
