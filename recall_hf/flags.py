@@ -44,8 +44,9 @@ def add_dataclass_args(
             negate = f.default is True
             name = f"--no-{f.name.replace('_', '-')}" if negate else flag
             default = None if unset_defaults else f.default
+            shown = f"{help_text} On by default; this flag turns it off." if negate else help_text
             parser.add_argument(name, *aliases, dest=f.name, action="store_const", const=not negate,
-                                default=default, help=help_text)
+                                default=default, help=shown)
             continue
         value_type, _ = _value_type(f.type)
         default = None if unset_defaults else f.default
