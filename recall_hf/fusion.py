@@ -68,6 +68,24 @@ def output_dtypes(reader: CheckpointReader, dtype: str | None) -> dict[str, str]
     return {n: (target if target and i.is_float else i.dtype) for n, i in reader.tensors.items()}
 
 
+def _fused_chunks(readers: list[CheckpointReader], info, row: list[float], scratch: torch.Tensor, buf: torch.Tensor,
+                  dtype: torch.dtype):
+    """One tensor's weighted sum in flat chunks of `scratch`'s size (an embedding costs one chunk, not one tensor),
+    each cast to the output `dtype`."""
+    chunk = scratch.numel()
+    for start in range(0, info.numel, chunk):
+        count = min(chunk, info.numel - start)
+        out, first = scratch[:count], True
+        for r, w in zip(readers, row):
+            if w != 0.0:
+                _accumulate(out, r.read_into(info.name, buf, start, count), w, first)
+                first = False
+        if first:
+            out.zero_()
+        _check_finite(out, info.name)
+        yield out.to(dtype)
+
+
 def fuse_checkpoints(
     readers: list[CheckpointReader],
     layer_map: LayerMap,
@@ -102,25 +120,11 @@ def fuse_checkpoints(
     fused = copied = 0
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # memory-bound: one thread is as fast and does not stall on a busy machine
-
-    def fused_chunks(info, row):
-        # Large tensors (embeddings) go in flat chunks so memory stays at one chunk, not one tensor.
-        for start in range(0, info.numel, chunk):
-            count = min(chunk, info.numel - start)
-            out, first = scratch[:count], True
-            for r, w in zip(readers, row):
-                if w != 0.0:
-                    _accumulate(out, r.read_into(info.name, buf, start, count), w, first)
-                    first = False
-            if first:
-                out.zero_()
-            _check_finite(out, info.name)
-            yield out.to(DTYPES[dtypes[info.name]])
-
     try:
         for info in tqdm(infos, desc="Fusing tensors", unit="tensor", disable=not progress):
             if info.is_float:
-                out = fused_chunks(info, weights[layers[info.name]].tolist())
+                row = weights[layers[info.name]].tolist()
+                out = _fused_chunks(readers, info, row, scratch, buf, DTYPES[dtypes[info.name]])
                 fused += 1
             else:
                 out = newest.get(info.name)
