@@ -1,10 +1,9 @@
 """Continual-learning benchmark: RECALL vs sequential fine-tuning, interpolation and merging baselines.
 
 Real models and tasks (``benchmarks/assets.py``, BENCHMARK.md), everything kept in memory (state dicts, no disk
-merges). RECALL weights come from the library itself (``recall_hf.samples.select_typical_samples``,
-``recall_hf.representations.pooled_hidden_states``, ``recall_hf.similarity.layer_similarities``,
-``recall_hf.weights.layer_weights``, ``recall_hf.layers.LayerMap``, ``recall_hf.fusion.fuse_tensor``), so the numbers
-measure the library.
+merges). RECALL weights come from the library's public in-memory entry points (``recall_hf.select_typical_samples``,
+``recall_hf.represent``, ``recall_hf.merge_coefficients``, ``recall_hf.layers.LayerMap``,
+``recall_hf.fusion.fuse_tensor``), so the numbers measure the library.
 
 Models:
 
@@ -214,7 +213,7 @@ class EncoderFamily(FamilyBase):
         import transformers
 
         from benchmarks.assets import minilm_dir
-        from recall_hf.representations import quiet_transformers
+        from recall_hf.models import quiet_transformers
 
         path = minilm_dir()
         self.model_path = str(path)
@@ -320,7 +319,7 @@ class DecoderFamily(FamilyBase):
         import transformers
 
         from benchmarks.assets import smollm2_dir
-        from recall_hf.representations import load_tokenizer, quiet_transformers
+        from recall_hf.models import load_tokenizer, quiet_transformers
 
         path = smollm2_dir()
         self.model_path = str(path)
@@ -572,8 +571,7 @@ class RecallEngine:
         self.seconds = collections.Counter()
 
     def typical_samples(self, new: State, task: Prepared, k: int, seed: int) -> list[str]:
-        from recall_hf.config import RecallConfig
-        from recall_hf.samples import select_typical_samples
+        from recall_hf import RecallConfig, select_typical_samples
 
         key = (fingerprint(new), task.name, k, seed)
         if key not in self.samples:
@@ -592,13 +590,12 @@ class RecallEngine:
         return self.samples[key]
 
     def representations(self, state: State, probes: list[str]) -> torch.Tensor:
-        from recall_hf.representations import pooled_hidden_states
+        from recall_hf import RecallConfig, represent
 
         t = time.perf_counter()
         self.fam.load(state)
-        reps = pooled_hidden_states(
-            self.fam.backbone(), self.fam.tok, probes, self.args.eval_batch_size, self.args.max_length
-        )
+        config = RecallConfig(batch_size=self.args.eval_batch_size, max_length=self.args.max_length)
+        reps = represent(self.fam.backbone(), self.fam.tok, probes, config)
         self.seconds["representations"] += time.perf_counter() - t
         return reps
 

@@ -386,15 +386,14 @@ def expand_sweeps(items: list[str]) -> list[str]:
 def recall_layer_weights(
     reps: list[torch.Tensor], options: dict[str, Any], task_counts: list[int]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Similarities ``[L+1, K, K]`` and weights ``[L+1, K]`` with the library (``layer_similarities``,
-    ``layer_weights``) from per-model representations ``[L+1, n, hidden]`` of the same probes."""
-    from recall_hf.similarity import layer_similarities
-    from recall_hf.weights import layer_weights
+    """Similarities ``[L+1, K, K]`` and merge coefficients ``[L+1, K]`` from per-model representations
+    ``[L+1, n, hidden]`` of the same probes, with the library's public in-memory entry point
+    (``recall_hf.merge_coefficients``)."""
+    from recall_hf import RecallConfig, merge_coefficients
 
-    sims = layer_similarities(reps, options["sim"])
-    counts = task_counts if options["prior"] else None
-    weights = layer_weights(sims, options["tau"], options["target"], counts, bool(options["norm"]))
-    return sims, weights
+    config = RecallConfig(similarity=options["sim"], tau=options["tau"], mode=options["target"],
+                          task_count_prior=bool(options["prior"]), normalize_depth=bool(options["norm"]))
+    return merge_coefficients(reps, config, task_counts)
 
 
 def recall_two_sided_weights(

@@ -365,7 +365,9 @@ def child_main(method: str, k: int, out: Path, profile: bool) -> None:
         import transformers  # noqa: F401
 
         import recall_hf
+        import recall_hf.full  # noqa: F401
         import recall_hf.fusion  # noqa: F401
+        import recall_hf.merge  # noqa: F401
 
         if method == "recall-fusion-1t":
             torch.set_num_threads(1)

@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from recall_hf import RecallCallback, RecallConfig  # noqa: E402
-from recall_hf.representations import quiet_transformers  # noqa: E402
+from recall_hf.models import quiet_transformers  # noqa: E402
 
 
 @dataclass

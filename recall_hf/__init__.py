@@ -1,21 +1,45 @@
-"""recall-hf: RECALL continual model merging for Hugging Face Trainer users (arXiv 2510.20479)."""
+"""recall-hf: RECALL continual model merging for Hugging Face Trainer users (arXiv 2510.20479).
+
+The public names are loaded on first use, so `import recall_hf` (and `recall-hf --help`) stays fast: torch,
+transformers and the Trainer stack are imported only by the modules that need them.
+"""
 
 from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .adapters import fold_adapter  # noqa: E402
-from .config import RecallConfig  # noqa: E402
-from .merge import MergeReport, recall_merge  # noqa: E402
-from .samples import select_typical_samples  # noqa: E402
+from .config import RecallConfig  # noqa: E402  (stdlib only)
 
-__all__ = ["fold_adapter", "MergeReport", "RecallConfig", "__version__", "recall_merge", "select_typical_samples"]
+# Public name -> the module that defines it.
+_LAZY = {
+    "MergePlan": "plan",
+    "MergeReport": "report",
+    "execute_merge": "merge",
+    "fold_adapter": "lora.fold",
+    "merge_coefficients": "plan",
+    "prepare_merge": "merge",
+    "recall_merge": "merge",
+    "represent": "plan",
+    "select_typical_samples": "samples",
+    "RecallCallback": "callback",
+    "RecallTrainer": "trainer",
+    "RecallTrainingArguments": "trainer",
+    "run_task_sequence": "trainer",
+}
+
+__all__ = ["RecallConfig", "__version__", *sorted(_LAZY)]
 
 
 def __getattr__(name: str):
-    # Trainer integration imports transformers' Trainer stack; load it only when asked for.
-    if name in ("RecallCallback", "RecallTrainer", "RecallTrainingArguments", "run_task_sequence"):
-        from . import callback, trainer
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'recall_hf' has no attribute {name!r}")
+    import importlib
 
-        return getattr(callback, name, None) or getattr(trainer, name)
-    raise AttributeError(f"module 'recall_hf' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

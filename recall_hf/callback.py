@@ -35,10 +35,12 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from .checkpoint import READY, fsync_dir, is_adapter_dir, read_recall_json
 from .config import RecallConfig
+from .durable import fsync_dir
+from .modeldir import READY, is_adapter_dir, read_recall_json
 from .samples import select_typical_samples
 from .task_checkpoint import staged_task_dir, unique_drop_path, write_task_checkpoint
+from .versions import VersionedDir
 
 logger = logging.getLogger(__name__)
 
@@ -225,10 +227,9 @@ def fold_into(merge_into: str | Path, checkpoint: str | Path, config: RecallConf
     merge_into, checkpoint = Path(merge_into).absolute(), Path(checkpoint)
     check_merge_into(merge_into)
     current = merge_into.resolve() if merge_into.is_symlink() else None
-    versions = merge_into.with_name(merge_into.name + VERSIONS_SUFFIX)
-    versions.mkdir(parents=True, exist_ok=True)
-    taken = [int(p.name[1:]) for p in versions.iterdir() if p.name[:1] == "v" and p.name[1:].isdigit()]
-    new = versions / f"v{max(taken, default=0) + 1:04d}"
+    versions = VersionedDir(merge_into.with_name(merge_into.name + VERSIONS_SUFFIX), merge_into, first=1)
+    versions.root.mkdir(parents=True, exist_ok=True)
+    new = versions.path(versions.next_name())
     if current is None:
         with staged_task_dir(new) as stage:
             _link_or_copy_tree(checkpoint, stage, skip={READY})
@@ -238,14 +239,8 @@ def fold_into(merge_into: str | Path, checkpoint: str | Path, config: RecallConf
         report = recall_merge([current, checkpoint], None, new, config, progress=progress)
     if merge_into.is_dir() and not merge_into.is_symlink():
         merge_into.rmdir()  # empty (checked above)
-    link = merge_into.with_name(f".{merge_into.name}.link-{os.getpid()}")
-    if link.is_symlink() or link.exists():
-        link.unlink()
-    os.symlink(os.path.relpath(new, merge_into.parent), link)
-    os.replace(link, merge_into)
-    for old in versions.iterdir():
-        if old != new and old.is_dir() and not old.name.startswith("."):
-            shutil.rmtree(old, ignore_errors=True)
+    versions.switch(new.name)
+    versions.prune(keep={new.name})
     logger.info("Merged model %s -> %s (%s)", merge_into, new, "merged" if report else "first task")
     return new, report
 

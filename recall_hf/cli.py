@@ -5,66 +5,27 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from dataclasses import fields
 from pathlib import Path
 
+from . import __version__
 from .config import RecallConfig
+from .flags import add_dataclass_args, dataclass_values
+
+# The RecallConfig fields `select-samples` uses (the rest only matter to a merge).
+SELECT_FIELDS = ("k", "max_candidates", "minibatch_threshold", "seed", "batch_size", "max_length", "device",
+                 "device_map")
+PLUGIN_GROUP = "recall_hf.commands"
 
 
-def _add_config_args(p: argparse.ArgumentParser) -> None:
-    defaults = RecallConfig()
-    p.add_argument("--tau", type=float, default=defaults.tau, help=f"softmax temperature (default {defaults.tau})")
-    p.add_argument(
-        "--similarity",
-        default=defaults.similarity,
-        help=f"per-layer similarity: rbf, linear_cka, rbf_cka, cosine (default {defaults.similarity})",
-    )
-    p.add_argument(
-        "--mode",
-        default=defaults.mode,
-        choices=["continual", "multi"],
-        help="continual: target is the newest (last) model; multi: uniform target",
-    )
-    p.add_argument(
-        "--no-task-count-prior",
-        dest="task_count_prior",
-        action="store_false",
-        help="do not add log(task count) of each model to the softmax logits",
-    )
-    p.add_argument("--normalize-depth", action="store_true", help="rescale layer divergences by their spread")
-    p.add_argument(
-        "--fusion",
-        default=defaults.fusion,
-        choices=["convex", "task_vector"],
-        help="convex: sum_k w_k theta_k (default, the paper); task_vector: base + sum_k c_k task vectors "
-        "(for task models each fine-tuned from one base; needs --base for full models)",
-    )
-    p.add_argument("-k", "--k", type=int, default=defaults.k, help=f"typical samples per task (default {defaults.k})")
-    p.add_argument("--seed", type=int, default=defaults.seed, help="seed for sampling and clustering")
-    p.add_argument("--batch-size", type=int, default=defaults.batch_size, help="forward-pass batch size")
-    p.add_argument("--max-length", type=int, default=defaults.max_length, help="token limit per probe text")
-    p.add_argument(
-        "--dtype",
-        default=None,
-        choices=["float32", "bfloat16", "float16"],
-        help="output dtype (default: keep the stored dtype)",
-    )
-    p.add_argument("--device", default=defaults.device, help="device for forward passes (default cpu)")
-    p.add_argument("--device-map", default=None, help="accelerate device_map for large models, e.g. auto")
-
-
-def _config_from(args: argparse.Namespace, **extra) -> RecallConfig:
-    names = {f.name for f in fields(RecallConfig)}
-    values = {k: v for k, v in vars(args).items() if k in names}
-    values.update(extra)
-    return RecallConfig(**values)
+def _config_from(args: argparse.Namespace, only=None) -> RecallConfig:
+    return RecallConfig(**dataclass_values(args, RecallConfig, only))
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
     from .merge import recall_merge
 
     counts = [int(c) for c in args.task_counts.split(",")] if args.task_counts else None
-    config = _config_from(args, max_rank=args.max_rank)
+    config = _config_from(args)
     report = recall_merge(args.models, args.probes, args.out, config, task_counts=counts, base=args.base)
     newest = report.newest_weight
     print(
@@ -78,7 +39,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 def _cmd_select(args: argparse.Namespace) -> int:
     from .samples import SAMPLES_NAME, read_texts, select_typical_samples, write_samples
 
-    config = _config_from(args)
+    config = _config_from(args, SELECT_FIELDS)
     samples = select_typical_samples(read_texts(args.texts), args.model, config=config)
     out = Path(args.out) if args.out else Path(args.model) / SAMPLES_NAME
     write_samples(out, samples)
@@ -87,22 +48,14 @@ def _cmd_select(args: argparse.Namespace) -> int:
 
 
 def _cmd_fold(args: argparse.Namespace) -> int:
-    from .adapters import fold_adapter
+    from .lora.fold import fold_adapter
 
     out = fold_adapter(args.adapter, args.out, base=args.base)
     print(f"Folded adapter {args.adapter} into full weights at {out}")
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="recall-hf",
-        description="RECALL continual merging for Hugging Face models (arXiv 2510.20479): typical samples, "
-        "per-layer representation similarity, per-layer softmax weights, streaming layer-wise fusion.",
-    )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def _add_merge(sub) -> None:
     m = sub.add_parser(
         "merge",
         help="merge model (or LoRA adapter) directories with RECALL",
@@ -111,26 +64,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     m.add_argument("models", nargs="+", help="model or adapter directories, oldest first, newest last")
     m.add_argument("--out", required=True, help="output directory (must not exist; written atomically)")
-    m.add_argument(
-        "--probes",
-        default=None,
-        help='jsonl of {"text": ...} (or .txt); more than k texts are reduced to typical samples. '
-        "Default: recall_samples.jsonl of the newest model",
-    )
-    m.add_argument(
-        "--task-counts",
-        default=None,
-        help="comma-separated tasks each model carries (default: from each recall.json, else 1)",
-    )
-    m.add_argument(
-        "--base",
-        default=None,
-        help="base model dir: for adapter merges (default: from adapter_config.json) and --fusion task_vector",
-    )
-    m.add_argument("--max-rank", type=int, default=None, help="adapter merges: compress merged LoRA to this rank")
-    _add_config_args(m)
+    m.add_argument("--probes", default=None, help='jsonl of {"text": ...} (or .txt); more than k texts are reduced '
+                   "to typical samples. Default: recall_samples.jsonl of the newest model")
+    m.add_argument("--task-counts", default=None,
+                   help="comma-separated tasks each model carries (default: from each recall.json, else 1)")
+    m.add_argument("--base", default=None, help="base model dir: for adapter merges (default: from "
+                   "adapter_config.json) and --fusion task_vector")
+    add_dataclass_args(m.add_argument_group("RECALL settings (RecallConfig)"), RecallConfig)
     m.set_defaults(func=_cmd_merge)
 
+
+def _add_select_samples(sub) -> None:
     s = sub.add_parser(
         "select-samples",
         help="write recall_samples.jsonl (typical samples) for a model",
@@ -140,9 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("texts", help='a .jsonl of {"text": ...} lines or a .txt with one text per line')
     s.add_argument("--model", required=True, help="the fine-tuned model directory")
     s.add_argument("--out", default=None, help="output jsonl (default: MODEL/recall_samples.jsonl)")
-    _add_config_args(s)
+    add_dataclass_args(s.add_argument_group("RECALL settings (RecallConfig)"), RecallConfig, SELECT_FIELDS)
     s.set_defaults(func=_cmd_select)
 
+
+def _add_fold(sub) -> None:
     f = sub.add_parser(
         "fold",
         help="fold a (merged) LoRA adapter into full model weights",
@@ -154,13 +100,49 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--base", default=None, help="base model dir (default: base_model_name_or_path of the adapter)")
     f.set_defaults(func=_cmd_fold)
 
-    try:
-        from recall_daemon.cli import add_daemon_commands
-    except ImportError:
-        add_daemon_commands = None
-    if add_daemon_commands is not None:
-        add_daemon_commands(sub)
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="recall-hf",
+        description="RECALL continual merging for Hugging Face models (arXiv 2510.20479): typical samples, "
+        "per-layer representation similarity, per-layer softmax weights, streaming layer-wise fusion.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_merge(sub)
+    _add_select_samples(sub)
+    _add_fold(sub)
+    add_plugin_commands(sub)
     return parser
+
+
+def _broken_plugin(name: str, target: str, err: BaseException):
+    def run(args: argparse.Namespace) -> int:
+        raise RuntimeError(f"the {name!r} commands ({target}) failed to import: {type(err).__name__}: {err}; "
+                           "reinstall recall-hf (pip install -e .) or fix that import (-v shows the traceback).")
+
+    return run
+
+
+def add_plugin_commands(sub) -> None:
+    """Commands other packages register under the `recall_hf.commands` entry-point group (the daemon's), so this
+    package never imports them by name. A plugin that fails to import is reported on stderr and keeps a command
+    that fails with the reason, instead of silently disappearing."""
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group=PLUGIN_GROUP):
+        try:
+            add_commands = ep.load()
+        except Exception as err:  # noqa: BLE001 - any import error of a plugin must be reported, not raised here
+            print(f"recall-hf: warning: commands {ep.name!r} from {ep.value} failed to import: {err}", file=sys.stderr)
+            # Takes any arguments (no option prefix) so that running it reaches the error, not a usage message.
+            broken = sub.add_parser(ep.name, help=f"(unavailable: {ep.value} failed to import)", add_help=False,
+                                    prefix_chars="\x00")
+            broken.add_argument("rest", nargs="*")
+            broken.set_defaults(func=_broken_plugin(ep.name, ep.value, err))
+            continue
+        add_commands(sub)
 
 
 def run_parsed(args: argparse.Namespace, prog: str) -> int:

@@ -8,6 +8,7 @@ from typing import Any
 
 MODES = ("continual", "multi")
 FUSIONS = ("convex", "task_vector")
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 def dataclass_from_dict(cls, data: dict[str, Any], what: str):
@@ -62,7 +63,9 @@ class RecallConfig:
             accelerate `device_map` (e.g. `"auto"`) for models larger than one device.
     """
 
-    k: int = field(default=32, metadata={"help": "Number of typical samples (KMeans clusters) per task."})
+    k: int = field(
+        default=32, metadata={"help": "Number of typical samples (KMeans clusters) per task.", "aliases": ("-k",)}
+    )
     max_candidates: int = field(
         default=2000, metadata={"help": "Most texts embedded for clustering (seeded subsample)."}
     )
@@ -74,16 +77,25 @@ class RecallConfig:
         default="rbf", metadata={"help": "Per-layer similarity: rbf, linear_cka, rbf_cka, cosine."}
     )
     tau: float = field(default=0.5, metadata={"help": "Softmax temperature of the per-layer merge weights."})
-    mode: str = field(default="continual", metadata={"help": "continual (target = newest model) or multi (uniform)."})
+    mode: str = field(
+        default="continual",
+        metadata={"help": "continual (target = newest, last model) or multi (uniform target).", "choices": MODES},
+    )
     task_count_prior: bool = field(default=True, metadata={"help": "Add log(task count) of each model to the logits."})
     fusion: str = field(
         default="convex",
-        metadata={"help": "convex (sum w_k theta_k) or task_vector (base + sum c_k task vectors; needs the base)."},
+        metadata={
+            "help": "convex (sum w_k theta_k, the paper) or task_vector (base + sum c_k task vectors, for task models "
+            "each fine-tuned from one base; needs --base for full models).",
+            "choices": FUSIONS,
+        },
     )
     normalize_depth: bool = field(default=False, metadata={"help": "Rescale layer divergences by their spread."})
     batch_size: int = field(default=8, metadata={"help": "Batch size of the forward passes."})
     max_length: int = field(default=256, metadata={"help": "Token limit per probe text."})
-    dtype: str | None = field(default=None, metadata={"help": "Output dtype; None keeps the stored dtype."})
+    dtype: str | None = field(
+        default=None, metadata={"help": "Output dtype (default: keep the stored dtype).", "choices": DTYPES}
+    )
     max_shard_size: int = field(default=5_000_000_000, metadata={"help": "Largest output shard in bytes."})
     max_rank: int | None = field(default=None, metadata={"help": "LoRA only: compress merged factors to this rank."})
     device: str = field(default="cpu", metadata={"help": "Device for the forward passes."})
@@ -106,7 +118,7 @@ class RecallConfig:
             raise ValueError(
                 f"Unknown similarity {self.similarity!r}; choose one of: {', '.join(sorted(SIMILARITIES))}."
             )
-        if self.dtype not in (None, "float32", "bfloat16", "float16"):
+        if self.dtype is not None and self.dtype not in DTYPES:
             raise ValueError(f"RecallConfig.dtype must be float32, bfloat16, float16 or None; got {self.dtype!r}.")
         if self.max_rank is not None and self.max_rank < 1:
             raise ValueError(f"RecallConfig.max_rank must be >= 1 or None, got {self.max_rank}.")

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .compat import check_compatible
 from .layers import LayerMap
 from .safetensors_io import DTYPE_NAMES, DTYPES, CheckpointReader, StreamingWriter
 
@@ -61,29 +62,28 @@ def fuse_tensor(
     return out
 
 
-def check_compatible(readers: list[CheckpointReader]) -> None:
-    """Every model must hold the same tensor names with the same shapes (dtypes may differ)."""
-    ref = readers[-1]
-    for r in readers[:-1]:
-        missing, extra = set(ref.tensors) - set(r.tensors), set(r.tensors) - set(ref.tensors)
-        if missing or extra:
-            example = sorted(missing or extra)[0]
-            raise ValueError(
-                f"{r.dir} and {ref.dir} hold different tensors (e.g. {example!r}); "
-                "merge only models of one architecture."
-            )
-        for name, info in ref.tensors.items():
-            if r.tensors[name].shape != info.shape:
-                raise ValueError(
-                    f"Tensor {name!r} is {r.tensors[name].shape} in {r.dir} but {info.shape} in "
-                    f"{ref.dir}; the architectures differ."
-                )
-
-
 def output_dtypes(reader: CheckpointReader, dtype: str | None) -> dict[str, str]:
     """Per-tensor output dtype: the newest model's stored dtype, or `dtype` for float tensors when given."""
     target = DTYPE_NAMES[getattr(torch, dtype)] if dtype else None
     return {n: (target if target and i.is_float else i.dtype) for n, i in reader.tensors.items()}
+
+
+def _fused_chunks(readers: list[CheckpointReader], info, row: list[float], scratch: torch.Tensor, buf: torch.Tensor,
+                  dtype: torch.dtype):
+    """One tensor's weighted sum in flat chunks of `scratch`'s size (an embedding costs one chunk, not one tensor),
+    each cast to the output `dtype`."""
+    chunk = scratch.numel()
+    for start in range(0, info.numel, chunk):
+        count = min(chunk, info.numel - start)
+        out, first = scratch[:count], True
+        for r, w in zip(readers, row):
+            if w != 0.0:
+                _accumulate(out, r.read_into(info.name, buf, start, count), w, first)
+                first = False
+        if first:
+            out.zero_()
+        _check_finite(out, info.name)
+        yield out.to(dtype)
 
 
 def fuse_checkpoints(
@@ -120,25 +120,11 @@ def fuse_checkpoints(
     fused = copied = 0
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # memory-bound: one thread is as fast and does not stall on a busy machine
-
-    def fused_chunks(info, row):
-        # Large tensors (embeddings) go in flat chunks so memory stays at one chunk, not one tensor.
-        for start in range(0, info.numel, chunk):
-            count = min(chunk, info.numel - start)
-            out, first = scratch[:count], True
-            for r, w in zip(readers, row):
-                if w != 0.0:
-                    _accumulate(out, r.read_into(info.name, buf, start, count), w, first)
-                    first = False
-            if first:
-                out.zero_()
-            _check_finite(out, info.name)
-            yield out.to(DTYPES[dtypes[info.name]])
-
     try:
         for info in tqdm(infos, desc="Fusing tensors", unit="tensor", disable=not progress):
             if info.is_float:
-                out = fused_chunks(info, weights[layers[info.name]].tolist())
+                row = weights[layers[info.name]].tolist()
+                out = _fused_chunks(readers, info, row, scratch, buf, DTYPES[dtypes[info.name]])
                 fused += 1
             else:
                 out = newest.get(info.name)

@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 import transformers
 from torch import nn
 
@@ -61,15 +60,15 @@ class LayerMap:
     @classmethod
     def from_config(cls, config: transformers.PretrainedConfig) -> LayerMap:
         """Build the model class named in `config.architectures` on the meta device (no memory) and map it."""
-        arch = (config.architectures or [None])[0]
-        model_cls = getattr(transformers, arch, None) if arch else None
-        with torch.device("meta"):
-            model = model_cls(config) if model_cls is not None else transformers.AutoModel.from_config(config)
-        return cls.from_model(model, num_hidden_layers(config))
+        from .models import build_on_meta
+
+        return cls.from_model(build_on_meta(config), num_hidden_layers(config))
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path) -> LayerMap:
-        return cls.from_config(transformers.AutoConfig.from_pretrained(model_dir))
+        from .models import load_config
+
+        return cls.from_config(load_config(model_dir))
 
     def layer_of(self, name: str) -> int:
         """Layer index of a parameter or module name, which may carry a wrapper prefix (PEFT's `base_model.model.`)."""

@@ -1,145 +1,112 @@
-"""`recall_merge`: the RECALL pipeline end to end, with its report and plot (SPEC 2)."""
+"""`recall_merge`: RECALL end to end as two stages, `prepare_merge` (the plan) and `execute_merge` (fusion, outputs).
+
+Full models and LoRA adapters are two strategies over one pipeline (`recall_hf.full.FullMerge`,
+`recall_hf.lora.merge.AdapterMerge`); this module only picks one and runs the stages.
+"""
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import transformers
 
-from . import __version__
-from .checkpoint import (
-    PLOT_NAME,
-    RECALL_JSON,
-    REPORT_NAME,
-    check_output_dir,
-    copy_aux_files,
-    input_weight_hashes,
-    is_adapter_dir,
-    staged_dir,
-    task_count,
-    weight_hashes,
-    write_json,
-)
 from .config import RecallConfig
-from .fusion import check_compatible, fuse_checkpoints
-from .layers import LayerMap, num_hidden_layers
-from .representations import load_tokenizer, model_representations
-from .safetensors_io import CheckpointReader
-from .samples import SAMPLES_NAME, read_texts, select_typical_samples
-from .similarity import layer_similarities
-from .weights import layer_weights, task_vector_coefficients
+from .durable import check_output_dir, staged_dir
+from .modeldir import is_adapter_dir
+from .plan import MergePlan, MergeStrategy, build_plan
+from .report import MergeReport, write_outputs
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass
-class MergeReport:
-    """What a merge did: inputs, per-layer similarities and weights, timings. Saved as `recall_report.json`."""
-
-    out_dir: str
-    kind: str
-    models: list[str]
-    task_counts: list[int]
-    output_task_count: int
-    config: dict
-    probes: list[str]
-    similarities: list[list[list[float]]]
-    weights: list[list[float]]
-    input_hashes: dict[str, dict[str, str]] = field(default_factory=dict)
-    timings: dict[str, float] = field(default_factory=dict)
-    stats: dict = field(default_factory=dict)
-    library_version: str = __version__
-    created: str = ""
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @property
-    def newest_weight(self) -> list[float]:
-        """The newest model's weight per layer (0..L)."""
-        return [row[-1] for row in self.weights]
+def check_inputs(dirs: list[Path], out_dir: Path) -> str:
+    """At least two existing directories, all full models or all adapters, and a free output; returns the kind."""
+    if len(dirs) < 2:
+        raise ValueError(f"RECALL merges at least two models, got {len(dirs)}.")
+    for d in dirs:
+        if not d.is_dir():
+            raise ValueError(f"Model directory {d} does not exist.")
+    check_output_dir(out_dir)
+    adapters = [is_adapter_dir(d) for d in dirs]
+    if any(adapters) and not all(adapters):
+        raise ValueError("Cannot mix full models and LoRA adapter directories in one merge.")
+    return "adapter" if all(adapters) else "full"
 
 
-def load_config(model_dir: Path) -> transformers.PretrainedConfig:
+def open_strategy(kind: str, dirs: list[Path], base: str | Path | None, config: RecallConfig) -> MergeStrategy:
+    """The validated strategy for `kind`: every check on the inputs runs here, before any output."""
+    if kind == "adapter":
+        from .lora.merge import AdapterMerge
+
+        return AdapterMerge(dirs, base, config)
+    from .full import FullMerge
+
+    return FullMerge(dirs, Path(base) if base is not None else None, config)
+
+
+def prepare_merge(
+    models: list[str | Path], probes: str | Path | list[str] | None, out_dir: str | Path,
+    config: RecallConfig | None = None, task_counts: list[int] | None = None, base: str | Path | None = None,
+    progress: bool = True, known_hashes: Mapping[str | Path, Mapping[str, str]] | None = None,
+) -> MergePlan:
+    """Validate the inputs and compute everything before fusion (arguments as `recall_merge`); writes nothing."""
+    config = config or RecallConfig()
+    dirs, out_dir = [Path(m) for m in models], Path(out_dir)
+    t0 = time.perf_counter()
+    strategy = open_strategy(check_inputs(dirs, out_dir), dirs, base, config)
+    validate = time.perf_counter() - t0
     try:
-        return transformers.AutoConfig.from_pretrained(model_dir)
-    except Exception as err:  # noqa: BLE001 - transformers raises many types for a bad config
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise ValueError(f"Cannot read config.json of {model_dir}: {reason}") from None
+        plan = build_plan(strategy, dirs, probes, out_dir, config, task_counts, progress, known_hashes)
+    except BaseException:
+        strategy.close()
+        raise
+    plan.timings = {"validate": validate, **plan.timings}
+    return plan
 
 
-def check_same_architecture(configs: list[transformers.PretrainedConfig], dirs: list[Path]) -> None:
-    ref, ref_dir = configs[-1], dirs[-1]
-    for cfg, d in zip(configs[:-1], dirs[:-1]):
-        for key in ("model_type", "hidden_size", "vocab_size"):
-            a, b = getattr(cfg, key, None), getattr(ref, key, None)
-            if a != b:
-                raise ValueError(
-                    f"{d} has {key}={a!r} but {ref_dir} has {b!r}; merge only models of one architecture."
-                )
-        if num_hidden_layers(cfg) != num_hidden_layers(ref):
-            raise ValueError(f"{d} has {num_hidden_layers(cfg)} layers but {ref_dir} has {num_hidden_layers(ref)}.")
+def check_coefficients(plan: MergePlan, coefficients: torch.Tensor) -> torch.Tensor:
+    """Replacement coefficients must have the plan's shape and be finite."""
+    coefficients = torch.as_tensor(coefficients, dtype=plan.coefficients.dtype)
+    if coefficients.shape != plan.coefficients.shape:
+        raise ValueError(f"Coefficients of shape {tuple(coefficients.shape)} do not fit the plan's "
+                         f"{tuple(plan.coefficients.shape)} (layers + 1, models).")
+    if not torch.isfinite(coefficients).all():
+        raise ValueError("The merge coefficients hold NaN/Inf values.")
+    return coefficients
 
 
-def resolve_probes(probes: str | Path | list[str] | None, newest: Path) -> list[str]:
-    """Probe texts: a list, a `.jsonl`/`.txt` file, or the newest model's `recall_samples.jsonl`."""
-    if probes is None:
-        path = newest / SAMPLES_NAME
-        if not path.exists():
-            raise ValueError(
-                f"No probes given and {path} does not exist; pass --probes FILE.jsonl "
-                '(one {"text": ...} per line) or run `recall-hf select-samples` first.'
-            )
-        return read_texts(path)
-    if isinstance(probes, (str, Path)):
-        return read_texts(probes)
-    texts = [t for t in probes if isinstance(t, str) and t.strip()]
-    if not texts:
-        raise ValueError("The probe list holds no non-empty texts.")
-    return texts
+def execute_merge(plan: MergePlan, coefficients: torch.Tensor | None = None, progress: bool = True) -> MergeReport:
+    """Fuse the plan's models with per-layer `coefficients` (default: the plan's) and write the output atomically.
 
-
-def plot_report(report: MergeReport, path: Path) -> None:
-    """Per-layer similarity to the target model and per-layer merge weights, one PNG.
-
-    Uses matplotlib's object API, not pyplot, so the caller's backend is left alone (a notebook keeps its inline
-    plots; the earlier `matplotlib.use("Agg")` switched it for the whole process)."""
-    from matplotlib.figure import Figure
-
-    sims, weights = torch.tensor(report.similarities), torch.tensor(report.weights)
-    layers = list(range(len(weights)))
-    names = [f"{i}: {Path(m).name}" for i, m in enumerate(report.models)]
-    fig = Figure(figsize=(8, 6))
-    ax1, ax2 = fig.subplots(2, 1, sharex=True)
-    for k, name in enumerate(names[:-1]):
-        ax1.plot(layers, sims[:, k, -1].tolist(), marker=".", label=f"{name} vs newest")
-    ax1.set_ylabel("similarity to newest")
-    ax1.set_title(f"RECALL ({report.config.get('similarity')}, tau={report.config.get('tau')})")
-    ax1.legend(fontsize=7)
-    bottom = torch.zeros(len(layers))
-    for k, name in enumerate(names):
-        ax2.bar(layers, weights[:, k].tolist(), bottom=bottom.tolist(), label=name)
-        bottom += weights[:, k]
-    ax2.set_ylabel("merge weight")
-    ax2.set_xlabel("layer (0 = embeddings)")
-    ax2.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-
-
-def compute_weights(
-    reps: list[torch.Tensor], config: RecallConfig, task_counts: list[int]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Similarities `[L+1, K, K]` and weights `[L+1, K]` from per-model representations."""
-    sims = layer_similarities(reps, config.similarity)
-    counts = task_counts if config.task_count_prior else None
-    return sims, layer_weights(sims, config.tau, config.mode, counts, config.normalize_depth)
+    Returns:
+        The `MergeReport`; `weights` are the coefficients used (the plan's are kept in `stats["planned_weights"]`
+        when others were given).
+    """
+    t0 = time.perf_counter()
+    planned = coefficients is None
+    coefficients = plan.coefficients if planned else check_coefficients(plan, coefficients)
+    report = MergeReport(
+        out_dir=str(plan.out_dir), kind=plan.kind, models=[str(d) for d in plan.models], task_counts=plan.task_counts,
+        output_task_count=sum(plan.task_counts), config=plan.config.to_dict(), probes=plan.probes,
+        similarities=plan.similarities.tolist(), weights=coefficients.tolist(), input_hashes=plan.input_hashes,
+        created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    )
+    try:
+        with staged_dir(plan.out_dir) as stage:
+            report.stats = plan.strategy.write(stage, coefficients, plan.task_counts, progress)
+            if not planned:
+                report.stats["planned_weights"] = plan.coefficients.tolist()
+            report.timings = {**plan.timings, "fusion": time.perf_counter() - t0}
+            report.timings["total"] = sum(report.timings.values())
+            write_outputs(stage, report)
+    finally:
+        plan.strategy.close()
+    logger.info("RECALL merge of %d %s written to %s (%.1fs)", len(plan.models),
+                "LoRA adapters" if plan.kind == "adapter" else "models", plan.out_dir, report.timings["total"])
+    return report
 
 
 def recall_merge(
@@ -170,135 +137,5 @@ def recall_merge(
     Returns:
         The `MergeReport`, also saved as `recall_report.json` with a plot `recall_weights.png`.
     """
-    config = config or RecallConfig()
-    dirs = [Path(m) for m in models]
-    out_dir = Path(out_dir)
-    if len(dirs) < 2:
-        raise ValueError(f"RECALL merges at least two models, got {len(dirs)}.")
-    for d in dirs:
-        if not d.is_dir():
-            raise ValueError(f"Model directory {d} does not exist.")
-    check_output_dir(out_dir)
-    adapters = [is_adapter_dir(d) for d in dirs]
-    if any(adapters):
-        if not all(adapters):
-            raise ValueError("Cannot mix full models and LoRA adapter directories in one merge.")
-        from .adapters import recall_merge_adapters
-
-        return recall_merge_adapters(dirs, probes, out_dir, config, task_counts, base, progress, known_hashes)
-    task_vector = config.fusion == "task_vector"
-    if base is not None and not task_vector:
-        raise ValueError(
-            "--base is for adapter merges and --fusion task_vector; with convex fusion of full models "
-            "list the base among the models."
-        )
-    if task_vector and base is None:
-        raise ValueError(
-            "Fusion task_vector needs the common base model the task models were fine-tuned from: "
-            "pass base=DIR (--base DIR)."
-        )
-    base_dir = Path(base) if base is not None else None
-    if base_dir is not None and not base_dir.is_dir():
-        raise ValueError(f"Base model directory {base_dir} does not exist.")
-
-    timings: dict[str, float] = {}
-    t0 = time.perf_counter()
-    # Validate everything before the first byte of output.
-    configs = [load_config(d) for d in dirs]
-    check_same_architecture(configs, dirs)
-    readers = [CheckpointReader(d) for d in dirs]
-    if base_dir is not None:
-        check_same_architecture([load_config(base_dir), configs[-1]], [base_dir, dirs[-1]])
-        readers.insert(0, CheckpointReader(base_dir))
-    check_compatible(readers)
-    layer_map = LayerMap.from_config(configs[-1])
-    for name in readers[-1].tensors:
-        layer_map.layer_of(name)
-    tokenizer = load_tokenizer(dirs[-1])
-    counts = list(task_counts) if task_counts is not None else [task_count(d) for d in dirs]
-    if len(counts) != len(dirs):
-        raise ValueError(f"Got {len(counts)} task counts for {len(dirs)} models.")
-    texts = resolve_probes(probes, dirs[-1])
-    timings["validate"] = time.perf_counter() - t0
-
-    t = time.perf_counter()
-    if len(texts) > config.k:
-        texts = [s["text"] for s in select_typical_samples(texts, dirs[-1], tokenizer, config, progress)]
-    timings["select_samples"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    reps = [
-        model_representations(
-            d, texts, tokenizer, config.batch_size, config.max_length, config.device, config.device_map, progress
-        )
-        for d in dirs
-    ]
-    timings["representations"] = time.perf_counter() - t
-    for d, r in zip(dirs, reps):
-        if not torch.isfinite(r).all():
-            raise ValueError(f"{d} produces NaN/Inf hidden states on the probes; its weights are corrupt.")
-    sims, weights = compute_weights(reps, config, counts)
-    if weights.shape[0] != layer_map.num_layers + 1:
-        raise RuntimeError(f"Got {weights.shape[0]} hidden-state layers, expected {layer_map.num_layers + 1}.")
-
-    fusion_weights = weights
-    if task_vector:
-        coefficients = task_vector_coefficients(weights, counts)
-        # theta = (1 - sum_k c_k) theta_base + sum_k c_k theta_k: the base enters as an extra model.
-        fusion_weights = torch.cat([1.0 - coefficients.sum(-1, keepdim=True), coefficients], dim=-1)
-
-    t = time.perf_counter()
-    hashes = input_weight_hashes(([base_dir] if base_dir else []) + dirs, known_hashes)
-    timings["hash_inputs"] = time.perf_counter() - t
-
-    report = MergeReport(
-        out_dir=str(out_dir),
-        kind="full",
-        models=[str(d) for d in dirs],
-        task_counts=counts,
-        output_task_count=sum(counts),
-        config=config.to_dict(),
-        probes=texts,
-        similarities=sims.tolist(),
-        weights=weights.tolist(),
-        input_hashes=hashes,
-        created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    )
-    with staged_dir(out_dir) as stage:
-        t = time.perf_counter()
-        report.stats = fuse_checkpoints(
-            readers, layer_map, fusion_weights.float(), stage, config.dtype, config.max_shard_size, progress
-        )
-        if task_vector:
-            report.stats["base"] = str(base_dir)
-            report.stats["task_vector_coefficients"] = coefficients.tolist()
-        timings["fusion"] = time.perf_counter() - t
-        copy_aux_files(dirs[-1], stage)
-        if config.dtype:
-            cfg_path = stage / "config.json"
-            cfg = json.loads(cfg_path.read_text())
-            cfg["dtype"] = config.dtype
-            cfg.pop("torch_dtype", None)
-            cfg_path.write_text(json.dumps(cfg, indent=2))
-        timings["total"] = time.perf_counter() - t0
-        report.timings = timings
-        write_outputs(stage, report)
-    logger.info("RECALL merge of %d models written to %s (%.1fs)", len(dirs), out_dir, timings["total"])
-    return report
-
-
-def write_outputs(stage: Path, report: MergeReport) -> None:
-    """The report, the plot and the output's `recall.json` (task count and provenance)."""
-    write_json(stage / REPORT_NAME, report.to_dict())
-    plot_report(report, stage / PLOT_NAME)
-    write_json(
-        stage / RECALL_JSON,
-        {
-            "kind": f"recall-merge-{report.kind}",
-            "task_count": report.output_task_count,
-            "parents": report.models,
-            "created": report.created,
-            "library_version": report.library_version,
-            "sha256": weight_hashes(stage),
-        },
-    )
+    plan = prepare_merge(models, probes, out_dir, config, task_counts, base, progress, known_hashes)
+    return execute_merge(plan, progress=progress)

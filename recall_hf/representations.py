@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import logging
 from pathlib import Path
@@ -11,6 +10,8 @@ import torch
 import transformers
 from tqdm.auto import tqdm
 
+from .models import load_backbone
+
 logger = logging.getLogger(__name__)
 
 
@@ -18,47 +19,6 @@ def masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean of `hidden` (`[B, T, H]`) over positions where `mask` (`[B, T]`) is 1; fp32 result `[B, H]`."""
     m = mask.to(torch.float32).unsqueeze(-1)
     return (hidden.to(torch.float32) * m).sum(dim=1) / m.sum(dim=1).clamp_min(1.0)
-
-
-def load_tokenizer(model_dir: str | Path) -> transformers.PreTrainedTokenizerBase:
-    """The model's tokenizer, right-padded, with a pad token (EOS or UNK when the tokenizer has none)."""
-    try:
-        tok = transformers.AutoTokenizer.from_pretrained(model_dir)
-    except (OSError, ValueError) as err:
-        raise ValueError(f"No usable tokenizer in {model_dir} ({err}); save it next to the weights.") from None
-    tok.padding_side = "right"
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
-    if tok.pad_token is None:
-        raise ValueError(f"Tokenizer in {model_dir} has no pad, eos or unk token to pad batches with.")
-    return tok
-
-
-@contextlib.contextmanager
-def quiet_transformers():
-    """Silence transformers' load reports and progress bars (an unused head is expected when loading a backbone)."""
-    tlog = transformers.utils.logging
-    level, bars = tlog.get_verbosity(), tlog.is_progress_bar_enabled()
-    tlog.set_verbosity_error()
-    tlog.disable_progress_bar()
-    try:
-        yield
-    finally:
-        tlog.set_verbosity(level)
-        if bars:
-            tlog.enable_progress_bar()
-
-
-def load_backbone(model_dir: str | Path, device: str = "cpu", device_map: str | None = None) -> torch.nn.Module:
-    """Load the model's backbone (no LM/classification head) in fp32 for forward passes."""
-    kwargs = {"dtype": torch.float32}
-    if device_map:
-        kwargs["device_map"] = device_map
-    with quiet_transformers():
-        model = transformers.AutoModel.from_pretrained(model_dir, **kwargs)
-    if not device_map:
-        model.to(device)
-    return model.eval()
 
 
 @torch.no_grad()

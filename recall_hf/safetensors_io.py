@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import fsync_path
+from .durable import fsync_path
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_SUFFIX = ".safetensors.index.json"
@@ -87,7 +87,7 @@ def read_header(path: Path) -> dict[str, dict]:
     return header
 
 
-def weight_files(model_dir: Path, stem: str = "model") -> list[Path]:
+def safetensors_shards(model_dir: Path, stem: str = "model") -> list[Path]:
     """The safetensors files of a model dir, following `<stem>.safetensors.index.json` when present."""
     index = model_dir / f"{stem}{INDEX_SUFFIX}"
     if index.exists():
@@ -111,7 +111,7 @@ class CheckpointReader:
 
     def __init__(self, model_dir: str | Path, stem: str = "model"):
         self.dir = Path(model_dir)
-        self.files = weight_files(self.dir, stem)
+        self.files = safetensors_shards(self.dir, stem)
         self.tensors: dict[str, TensorInfo] = {}
         for file in self.files:
             header = read_header(file)

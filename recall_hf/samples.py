@@ -12,7 +12,8 @@ import torch
 from sklearn.cluster import KMeans, MiniBatchKMeans
 
 from .config import RecallConfig
-from .representations import load_backbone, load_tokenizer, pooled_hidden_states
+from .models import load_backbone, load_tokenizer
+from .representations import pooled_hidden_states
 
 logger = logging.getLogger(__name__)
 

@@ -17,18 +17,16 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .checkpoint import (
+from .durable import fsync_dir, staged_dir, write_json
+from .modeldir import (
     ADAPTER_CONFIG,
     NOT_COPIED,
     READY,
     RECALL_JSON,
-    fsync_dir,
     is_adapter_dir,
     is_weight_file,
     read_recall_json,
-    staged_dir,
     weight_hashes,
-    write_json,
 )
 from .samples import SAMPLES_NAME, write_samples
 
@@ -157,6 +155,18 @@ def save_weights(model, stage: Path, state_dict: dict[str, torch.Tensor] | None 
     return kind
 
 
+def check_task_args(samples: list[dict], task_name: str, extra: dict | None) -> None:
+    """`write_task_checkpoint`'s arguments, checked before anything is written."""
+    if not samples or not all(isinstance(s, dict) and isinstance(s.get("text"), str) for s in samples):
+        raise ValueError("samples must be a non-empty list of {\"text\": ...} dicts (select_typical_samples output).")
+    if not task_name or not isinstance(task_name, str):
+        raise ValueError(f"task_name must be a non-empty string, got {task_name!r}.")
+    clash = sorted(set(extra or {}) & set(RESERVED_KEYS))
+    if clash:
+        raise ValueError(f"extra must not set {clash}; these recall.json fields are written by recall-hf.")
+    json.dumps(extra or {})  # fail before writing anything if extra is not serialisable
+
+
 def write_task_checkpoint(
     model,
     tokenizer,
@@ -186,14 +196,7 @@ def write_task_checkpoint(
     Returns:
         The checkpoint directory.
     """
-    if not samples or not all(isinstance(s, dict) and isinstance(s.get("text"), str) for s in samples):
-        raise ValueError("samples must be a non-empty list of {\"text\": ...} dicts (select_typical_samples output).")
-    if not task_name or not isinstance(task_name, str):
-        raise ValueError(f"task_name must be a non-empty string, got {task_name!r}.")
-    clash = sorted(set(extra or {}) & set(RESERVED_KEYS))
-    if clash:
-        raise ValueError(f"extra must not set {clash}; these recall.json fields are written by recall-hf.")
-    json.dumps(extra or {})  # fail before writing anything if extra is not serialisable
+    check_task_args(samples, task_name, extra)
     # A directory does not say what it was trained from: the caller passes `parent` for it.
     default_parent, default_base = (None, None) if isinstance(model, (str, Path)) else _model_source(model)
     parent = _local_abs(parent if parent is not None else default_parent)

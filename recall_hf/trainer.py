@@ -14,19 +14,35 @@ from transformers import Trainer, TrainingArguments
 
 from .callback import RecallCallback, check_merge_into
 from .config import RecallConfig
-from .merge import MergeReport
+from .report import MergeReport
 
 logger = logging.getLogger(__name__)
 
-# RecallConfig defines every RECALL default once; the arguments below only mirror them.
-_DEFAULTS = {f.name: f.default for f in fields(RecallConfig)}
+
+def with_recall_config_fields(cls):
+    """Add a `recall_<name>` field for every `RecallConfig` field (type, default, help and choices taken from it),
+    so the trainer arguments cannot drift from `RecallConfig`. `recall_device` defaults to the training device."""
+    for f in fields(RecallConfig):
+        name = f"recall_{f.name}"
+        metadata = {k: v for k, v in f.metadata.items() if k != "aliases"}  # `-k` is for the merge CLI only
+        default, annotation = f.default, f.type
+        if f.name == "device":
+            default, annotation = None, "str | None"
+            metadata["help"] = "Device for the merge's forward passes (default: the training device)."
+        cls.__annotations__[name] = annotation
+        setattr(cls, name, field(default=default, metadata=metadata))
+    return cls
 
 
 @dataclass
+@with_recall_config_fields
 class RecallTrainingArguments(TrainingArguments):
     r"""`TrainingArguments` plus the RECALL settings `RecallTrainer` hands to its `RecallCallback`.
 
-    Parameters not listed here are those of [`~transformers.TrainingArguments`].
+    Parameters not listed here are those of [`~transformers.TrainingArguments`]; every `RecallConfig` field `x` is
+    also an argument `recall_x` with the same default and help (`--recall_tau`, `--recall_fusion`, ...), except
+    `recall_device`, which defaults to the training device. Sample selection is seeded by `recall_seed` (as in
+    `RecallCallback`), not by the training `seed`.
 
     Args:
         recall_drop_dir (`str`, *optional*):
@@ -41,20 +57,6 @@ class RecallTrainingArguments(TrainingArguments):
             Whether to write the task checkpoint into `output_dir/recall_output_subdir`.
         recall_text_field (`str`, *optional*):
             Train dataset column holding the texts (default: `messages`, `prompt`, `text` or `input_ids`).
-        recall_k (`int`, *optional*, defaults to `32`):
-            Number of typical samples (`RecallConfig.k`).
-        recall_max_candidates (`int`, *optional*, defaults to `2000`):
-            Texts embedded for clustering at most (`RecallConfig.max_candidates`).
-        recall_tau (`float`, *optional*, defaults to `0.5`):
-            Softmax temperature of the per-layer merge weights (`RecallConfig.tau`).
-        recall_similarity (`str`, *optional*, defaults to `"rbf"`):
-            Per-layer similarity kernel (`RecallConfig.similarity`).
-        recall_task_count_prior (`bool`, *optional*, defaults to `True`):
-            Weight each model by the tasks it carries (`RecallConfig.task_count_prior`).
-        recall_max_rank (`int`, *optional*):
-            LoRA merges: compress the merged factors to this rank (`RecallConfig.max_rank`).
-        recall_device (`str`, *optional*):
-            Device for the merge's forward passes; defaults to the training device.
     """
 
     recall_drop_dir: str | None = field(
@@ -69,18 +71,6 @@ class RecallTrainingArguments(TrainingArguments):
         default=True, metadata={"help": "Write the task checkpoint into output_dir/recall_output_subdir."})
     recall_text_field: str | None = field(
         default=None, metadata={"help": "Dataset column with the texts (default: messages, prompt, text, input_ids)."})
-    recall_k: int = field(default=_DEFAULTS["k"], metadata={"help": "Number of typical samples."})
-    recall_max_candidates: int = field(
-        default=_DEFAULTS["max_candidates"], metadata={"help": "Texts embedded for clustering at most."})
-    recall_tau: float = field(default=_DEFAULTS["tau"], metadata={"help": "Softmax temperature of merge weights."})
-    recall_similarity: str = field(
-        default=_DEFAULTS["similarity"], metadata={"help": "Per-layer similarity: rbf, linear_cka, rbf_cka, cosine."})
-    recall_task_count_prior: bool = field(
-        default=_DEFAULTS["task_count_prior"], metadata={"help": "Weight each model by the tasks it carries."})
-    recall_max_rank: int | None = field(
-        default=_DEFAULTS["max_rank"], metadata={"help": "LoRA merges: compress merged factors to this rank."})
-    recall_device: str | None = field(
-        default=None, metadata={"help": "Device for the merge's forward passes (default: the training device)."})
 
     def __post_init__(self):
         super().__post_init__()
@@ -91,11 +81,10 @@ class RecallTrainingArguments(TrainingArguments):
 
     def recall_config(self, device: str | None = None) -> RecallConfig:
         """The `RecallConfig` these arguments describe."""
-        device = device or self.recall_device or str(self.device)
-        return RecallConfig(k=self.recall_k, max_candidates=max(self.recall_max_candidates, self.recall_k),
-                            tau=self.recall_tau, similarity=self.recall_similarity,
-                            task_count_prior=self.recall_task_count_prior, max_rank=self.recall_max_rank,
-                            seed=self.seed, device=device)
+        values = {f.name: getattr(self, f"recall_{f.name}") for f in fields(RecallConfig)}
+        values["device"] = device or self.recall_device or str(self.device)
+        values["max_candidates"] = max(values["max_candidates"], values["k"])
+        return RecallConfig(**values)
 
 
 class RecallTrainer(Trainer):

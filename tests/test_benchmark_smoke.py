@@ -1,6 +1,10 @@
 """The continual benchmark's quick size, end to end (real MiniLM weights and real data from the registries).
 
 It checks the pipeline runs and writes its table, results and plots; it asserts no accuracy threshold.
+
+Marked `slow` and kept out of the default suite and CI: the benchmark fetches its models and data from package
+registries (pip, npm) the first time, which a test run must not do. `RECALL_HF_SLOW=1 bash scripts/test.sh` runs it
+as its own step after the main suite.
 """
 
 from __future__ import annotations
@@ -9,6 +13,10 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parent.parent
 

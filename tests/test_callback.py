@@ -24,8 +24,10 @@ from transformers import (
 
 from recall_hf import RecallCallback, RecallConfig
 from recall_hf.callback import dataset_texts, render_prompt
-from recall_hf.checkpoint import READY, RECALL_JSON, current_umask, is_weight_file, sha256_file
-from recall_hf.representations import load_backbone, load_tokenizer, pooled_hidden_states
+from recall_hf.durable import current_umask
+from recall_hf.modeldir import READY, RECALL_JSON, is_weight_file, sha256_file
+from recall_hf.models import load_backbone, load_tokenizer
+from recall_hf.representations import pooled_hidden_states
 from recall_hf.samples import SAMPLES_NAME, candidate_texts, cluster_medoids
 from recall_hf.task_checkpoint import write_task_checkpoint
 from recall_hf.tiny import build_tiny_model
@@ -132,7 +134,7 @@ def test_selected_samples_are_cluster_medoids(trained):
 
 
 def test_ready_is_written_last(base_dir, tmp_path, monkeypatch):
-    import recall_hf.checkpoint as tc
+    import recall_hf.durable as tc
 
     events = []
     fsync_tree = tc.fsync_tree
@@ -262,9 +264,12 @@ def test_two_processes_write_one_checkpoint(base_dir, tmp_path):
            str(base_dir), str(tmp_path)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
-    except subprocess.TimeoutExpired:
-        pytest.skip("accelerate launch with 2 CPU processes timed out")
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=420, env=env)
+    except subprocess.TimeoutExpired as err:
+        # A hang is what a deadlock looks like (a rank waiting at a barrier the main process never reaches): fail.
+        tail = (err.stderr or b"")[-2000:]
+        pytest.fail(f"accelerate launch with 2 CPU processes did not finish in {err.timeout:.0f}s (deadlock?): "
+                    f"{tail.decode(errors='replace') if isinstance(tail, bytes) else tail}")
     results = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("result-*.json"))]
     if proc.returncode != 0 and not results and ("gloo" in proc.stderr.lower() or "rendezvous" in proc.stderr.lower()):
         pytest.skip(f"accelerate cannot start 2 CPU processes here: {proc.stderr[-300:]}")

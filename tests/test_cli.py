@@ -1,11 +1,14 @@
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
 
+import pytest
 from conftest import PROBES
 
+from recall_hf import RecallConfig, __version__
 from recall_hf.cli import main
 
 
@@ -60,3 +63,41 @@ def test_select_samples_cli(model_pair, tmp_path):
 def test_console_script_help():
     out = subprocess.run([sys.executable, "-m", "recall_hf.cli", "merge", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "--probes" in out.stdout
+
+
+def test_version_and_fast_help_without_torch():
+    """`--help` and `--version` import neither torch nor the daemon (plugins are found by entry point)."""
+    code = ("import sys; from recall_hf.cli import main\n"
+            "try:\n    main(['--version'])\nexcept SystemExit:\n    pass\n"
+            "print('torch' in sys.modules, 'transformers' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert f"recall-hf {__version__}" in out.stdout and out.stdout.strip().endswith("False False")
+
+
+def test_config_flags_come_from_recall_config(capsys):
+    """Every RecallConfig field is a `merge` flag with its help and choices; `select-samples` gets only its own."""
+    with pytest.raises(SystemExit):
+        main(["merge", "--help"])
+    merge_help = " ".join(capsys.readouterr().out.split())
+    for f in dataclasses.fields(RecallConfig):
+        flag = ("--no-" if f.default is True else "--") + f.name.replace("_", "-")
+        assert flag in merge_help, flag
+        assert " ".join(f.metadata["help"].split()) in merge_help, f.name
+    assert "{convex,task_vector}" in merge_help and "-k K, --k K" in merge_help
+    with pytest.raises(SystemExit):
+        main(["select-samples", "--help"])
+    select_help = capsys.readouterr().out
+    assert "--max-candidates" in select_help and "--tau" not in select_help and "--fusion" not in select_help
+
+
+def test_broken_plugin_is_reported_not_dropped(monkeypatch, capsys):
+    """A command plugin whose import fails keeps its command, which fails with the reason; a warning says so."""
+    from importlib import metadata
+
+    broken = metadata.EntryPoint("daemon", "recall_daemon_missing.cli:add_daemon_commands", "recall_hf.commands")
+    monkeypatch.setattr(metadata, "entry_points", lambda group: [broken] if group == "recall_hf.commands" else [])
+    assert main(["daemon", "--drop", "d"]) == 2
+    err = capsys.readouterr().err
+    assert "warning: commands 'daemon'" in err and "recall_daemon_missing" in err
+    assert "recall-hf daemon: error: the 'daemon' commands" in err

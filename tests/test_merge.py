@@ -10,8 +10,8 @@ from conftest import PROBES, copy_model
 from safetensors.torch import load_file
 
 from recall_hf import RecallConfig, recall_merge
-from recall_hf.checkpoint import sha256_file, weight_hashes
 from recall_hf.layers import LayerMap
+from recall_hf.modeldir import sha256_file, weight_hashes
 
 ARCHS = ("llama", "qwen2", "gpt2", "bert")
 
@@ -226,22 +226,3 @@ def test_task_vector_fusion_equals_base_plus_scaled_task_vectors(model_pair, tmp
         assert torch.allclose(t.double(), ref, atol=1e-5), name
     # Both task vectors survive whole where the models agree, unlike a convex average that halves them.
     assert torch.allclose(so["model.layers.1.mlp.up_proj.weight"], sc["model.layers.1.mlp.up_proj.weight"], atol=1e-5)
-
-
-def test_plot_leaves_the_callers_matplotlib_backend_alone(tmp_path):
-    """A notebook user's backend must survive a merge (pyplot + `matplotlib.use("Agg")` switched it process-wide)."""
-    import matplotlib
-
-    from recall_hf.merge import MergeReport, plot_report
-
-    before = matplotlib.get_backend()
-    matplotlib.use("svg")
-    try:
-        report = MergeReport(out_dir=str(tmp_path), kind="full", models=["a", "b"], task_counts=[1, 1],
-                             output_task_count=2, config={"similarity": "rbf", "tau": 0.5}, probes=["x"],
-                             similarities=[[[1.0, 0.9], [0.9, 1.0]]] * 3, weights=[[0.4, 0.6]] * 3)
-        plot_report(report, tmp_path / "plot.png")
-        assert matplotlib.get_backend() == "svg"
-        assert (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    finally:
-        matplotlib.use(before)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from pathlib import Path
@@ -20,8 +21,8 @@ from transformers import (
 )
 
 from recall_hf import RecallCallback, RecallConfig, RecallTrainer, RecallTrainingArguments, run_task_sequence
-from recall_hf.checkpoint import READY, REPORT_NAME, read_recall_json
 from recall_hf.layers import LayerMap
+from recall_hf.modeldir import READY, REPORT_NAME, read_recall_json
 from recall_hf.samples import SAMPLES_NAME
 from recall_hf.tiny import build_tiny_model
 
@@ -141,6 +142,17 @@ def test_recall_training_arguments():
                                                   "cosine", "--use_cpu", "True"])
     config = args.recall_config()
     assert (config.k, config.similarity, config.tau, config.device) == (5, "cosine", RecallConfig().tau, "cpu")
+    # Every RecallConfig field is an argument (generated from it: fusion, mode and dtype included), and sample
+    # selection is seeded like RecallCallback's (RecallConfig.seed), not by the training seed.
+    assert {f"recall_{f.name}" for f in dataclasses.fields(RecallConfig)} <= {
+        f.name for f in dataclasses.fields(RecallTrainingArguments)}
+    argv = ["--output_dir", "o", "--recall_fusion", "task_vector", "--recall_mode", "multi", "--recall_dtype",
+            "bfloat16", "--seed", "7", "--use_cpu", "True"]
+    (args,) = parser.parse_args_into_dataclasses(argv)
+    config = args.recall_config()
+    assert (config.fusion, config.mode, config.dtype, config.seed) == ("task_vector", "multi", "bfloat16", 0)
+    with pytest.raises(SystemExit):
+        parser.parse_args_into_dataclasses(["--output_dir", "o", "--recall_fusion", "sum"])
     with pytest.raises(ValueError, match="rbf"):
         RecallTrainingArguments(output_dir="o", recall_similarity="nope")
     with pytest.raises(ValueError, match="somewhere"):

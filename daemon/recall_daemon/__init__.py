@@ -26,8 +26,14 @@ Modules, in the order a drop meets them:
 
 from __future__ import annotations
 
-from .config import DaemonConfig
-from .service import DaemonService
-from .store import DeployStore
-
 __all__ = ["DaemonConfig", "DaemonService", "DeployStore"]
+_MODULES = {"DaemonConfig": "config", "DaemonService": "service", "DeployStore": "store"}
+
+
+def __getattr__(name: str):
+    # Loaded on first use: `recall-hf --help` imports this package (for its commands) and must stay fast.
+    if name not in _MODULES:
+        raise AttributeError(f"module 'recall_daemon' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(f".{_MODULES[name]}", __name__), name)

@@ -8,12 +8,19 @@ import logging
 import os
 import sys
 from collections import Counter
+from typing import TYPE_CHECKING
 
 from recall_hf.cli import run_parsed
+from recall_hf.config import RecallConfig
+from recall_hf.flags import add_dataclass_args, dataclass_values
 
-from .store import DeployStore
+if TYPE_CHECKING:
+    from .store import DeployStore
 
 COMMANDS = ("daemon", "status", "rollback")
+# The RecallConfig fields a daemon's merges take from its flags (the [recall] table of --config takes any).
+RECALL_KEYS = ("tau", "similarity", "k", "task_count_prior", "normalize_depth", "fusion", "seed", "batch_size",
+               "max_length", "dtype", "device", "device_map")
 
 
 def _const(value):
@@ -51,35 +58,18 @@ def _add_daemon_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                    help="daemon log level (default INFO)")
     g = p.add_argument_group("RECALL merge settings (also the [recall] table of --config)")
-    g.add_argument("--tau", type=float, default=None, help="softmax temperature of the per-layer weights")
-    g.add_argument("--similarity", default=None, help="per-layer similarity: rbf, linear_cka, rbf_cka, cosine")
-    g.add_argument("-k", "--k", type=int, default=None, help="typical samples per task")
-    g.add_argument("--no-task-count-prior", dest="task_count_prior", **_const(False),
-                   help="do not weight models by the tasks they carry")
-    g.add_argument("--normalize-depth", dest="normalize_depth", **_const(True),
-                   help="rescale layer divergences by their spread")
-    g.add_argument("--fusion", default=None, choices=["convex", "task_vector"],
-                   help="convex (default; drops fine-tuned from the live model) or task_vector (drops fine-tuned "
-                   "from the base v0000: base + RECALL-scaled task vectors)")
-    g.add_argument("--seed", type=int, default=None, help="seed for sampling and clustering")
-    g.add_argument("--batch-size", type=int, default=None, help="forward-pass batch size")
-    g.add_argument("--max-length", type=int, default=None, help="token limit per probe text")
-    g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="output dtype")
-    g.add_argument("--device", default=None, help="device for forward passes (default cpu)")
-    g.add_argument("--device-map", default=None, help="accelerate device_map for large models, e.g. auto")
+    add_dataclass_args(g, RecallConfig, RECALL_KEYS, unset_defaults=True)
 
 
 DAEMON_KEYS = ("drop_dir", "deploy_dir", "base", "poll", "quiet_period", "keep", "metrics_port", "metrics_addr",
                "probes", "polling_observer", "events", "after_ingest", "retry_after")
-RECALL_KEYS = ("tau", "similarity", "k", "task_count_prior", "normalize_depth", "fusion", "seed", "batch_size",
-               "max_length", "dtype", "device", "device_map")
 
 
 def build_config(args: argparse.Namespace):
     from .config import DaemonConfig
 
     values = {k: getattr(args, k) for k in DAEMON_KEYS if getattr(args, k, None) is not None}
-    recall = {k: getattr(args, k) for k in RECALL_KEYS if getattr(args, k, None) is not None}
+    recall = dataclass_values(args, RecallConfig, RECALL_KEYS)
     if args.config:
         return DaemonConfig.from_toml(args.config, recall=recall, **values)
     missing = [flag for flag, key in (("--drop", "drop_dir"), ("--deploy", "deploy_dir")) if key not in values]
@@ -113,6 +103,8 @@ def cmd_daemon(args: argparse.Namespace) -> int:
 
 
 def _open_store(deploy: str) -> DeployStore:
+    from .store import DeployStore
+
     store = DeployStore(deploy)
     if not store.versions_dir.is_dir():
         raise ValueError(f"{deploy} is not a deploy folder (no versions/); start the daemon with --base first.")

@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from recall_hf.checkpoint import fsync_dir, write_json
+from recall_hf.durable import fsync_dir, write_json
 
 from .config import DaemonConfig
 from .intake import TMP_MARK, Intake, TakenDrop, printable, safe_name

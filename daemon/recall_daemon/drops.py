@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from recall_hf.checkpoint import READY
+from recall_hf.modeldir import READY
 
 IN_PROGRESS_SUFFIXES = (".tmp", ".partial", ".incomplete")
 

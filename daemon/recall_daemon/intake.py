@@ -28,7 +28,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from recall_hf.checkpoint import READY, fsync_dir, write_json
+from recall_hf.durable import fsync_dir, write_json
+from recall_hf.modeldir import READY
 
 from .validation import DropRejected
 

@@ -23,7 +23,7 @@ import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from recall_hf.checkpoint import fsync_dir, write_json
+from recall_hf.durable import fsync_dir, write_json
 
 logger = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from recall_hf.checkpoint import write_json
+from recall_hf.durable import write_json
 
 from .store import VERSION_INFO
 

@@ -21,18 +21,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from recall_hf.checkpoint import (
-    NOT_COPIED,
-    RECALL_JSON,
-    apply_umask,
-    fsync_dir,
-    fsync_tree,
-    is_adapter_dir,
-    read_recall_json,
-    weight_hashes,
-    write_json,
-)
+from recall_hf.durable import apply_umask, fsync_dir, fsync_tree, write_json
 from recall_hf.merge import recall_merge
+from recall_hf.modeldir import NOT_COPIED, RECALL_JSON, is_adapter_dir, read_recall_json, weight_hashes
 
 from .config import DaemonConfig
 from .faults import crash_point

@@ -26,7 +26,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from recall_hf.checkpoint import fsync_dir, is_adapter_dir, write_json
+from recall_hf.durable import fsync_dir, write_json
+from recall_hf.modeldir import is_adapter_dir
 from recall_hf.safetensors_io import CheckpointReader
 
 from .journal import Journal

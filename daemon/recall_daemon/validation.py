@@ -14,15 +14,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import transformers
 
-from recall_hf.checkpoint import ADAPTER_CONFIG, RECALL_JSON, is_adapter_dir, is_weight_file, read_recall_json
+from recall_hf.modeldir import (
+    ADAPTER_CONFIG,
+    ADAPTER_STEM,
+    RECALL_JSON,
+    is_adapter_dir,
+    is_weight_file,
+    read_recall_json,
+)
 from recall_hf.safetensors_io import CheckpointReader
 from recall_hf.samples import SAMPLES_NAME, read_texts
 
 logger = logging.getLogger(__name__)
 
-ADAPTER_STEM = "adapter_model"
 # The checks, in the order they run; also the `reason` label of the quarantine metric.
 CHECKS = ("layout", "code", "recall_json", "config", "weights", "sha256", "architecture", "samples", "finite", "merge",
           "post_merge")
@@ -95,17 +100,9 @@ def check_sha256(path: Path, recorded: dict, file_hashes: dict[str, str]) -> Non
                                f"{str(expected)[:16]}...; the file changed or was damaged in transit.")
 
 
-def load_config(model_dir: Path) -> transformers.PretrainedConfig:
-    """A model's config; never runs code from the folder (custom code is refused before, this is the second lock)."""
-    try:
-        return transformers.AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
-    except Exception as err:  # noqa: BLE001 - transformers raises many types for a bad config
-        raise ValueError(f"cannot read config.json: {first_line(err)}") from None
-
-
 def check_full_architecture(drop: Path, deployed: Path, reader: CheckpointReader) -> None:
-    from recall_hf.fusion import check_compatible
-    from recall_hf.merge import check_same_architecture
+    from recall_hf.compat import check_compatible, check_same_architecture
+    from recall_hf.models import load_config
 
     with rejecting("config"):
         json.loads((drop / "config.json").read_text())
@@ -122,9 +119,9 @@ def check_full_architecture(drop: Path, deployed: Path, reader: CheckpointReader
 
 def check_adapter_architecture(drop: Path, deployed: Path) -> None:
     try:
-        from recall_hf.adapters import check_adapters, load_adapter
+        from recall_hf.lora.compat import check_adapters, load_adapter
     except ImportError as err:
-        raise DropRejected("layout", f"adapter drops need recall_hf.adapters ({err}).") from None
+        raise DropRejected("layout", f"adapter drops need recall_hf.lora ({err}).") from None
     with rejecting("config"):
         json.loads((drop / ADAPTER_CONFIG).read_text())
         new = load_adapter(drop)
@@ -230,41 +227,24 @@ def verify_drop(drop: Path, deployed: Path, file_hashes: dict[str, str], probes:
 
 def forward_model(version: Path, device: str = "cpu", device_map: str | None = None):
     """Load a version the way a server would: the class its config names (adapters: base model + PEFT)."""
-    from recall_hf.representations import quiet_transformers
+    from recall_hf.models import load_model, quiet_transformers
 
-    with quiet_transformers():
-        if is_adapter_dir(version):
-            from peft import PeftModel
+    if is_adapter_dir(version):
+        from peft import PeftModel
 
-            from recall_hf.adapters import load_base_model
-
-            cfg = json.loads((version / ADAPTER_CONFIG).read_text())
-            base = load_base_model(cfg["base_model_name_or_path"], cfg.get("task_type"), device)
+        cfg = json.loads((version / ADAPTER_CONFIG).read_text())
+        base = load_model(cfg["base_model_name_or_path"], cfg.get("task_type"), device)
+        with quiet_transformers():
             return PeftModel.from_pretrained(base, str(version)).eval()
-        config = transformers.AutoConfig.from_pretrained(version, trust_remote_code=False)
-        arch = (config.architectures or [None])[0]
-        cls = getattr(transformers, arch, None) if arch else None
-        if cls is None:
-            causal = config.is_decoder or "CausalLM" in str(arch)
-            cls = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
-        # The stored dtype (a bf16 model validates in bf16: half the memory, the same overflow range as fp32).
-        if device_map:
-            return cls.from_pretrained(version, dtype="auto", device_map=device_map, trust_remote_code=False).eval()
-        return cls.from_pretrained(version, dtype="auto", trust_remote_code=False).to(device).eval()
-
-
-def load_tokenizer(model_dir: Path):
-    """The version's tokenizer as a server loads it (never with remote code), padding on the right."""
-    tok = transformers.AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
-    tok.padding_side = "right"
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
-    return tok
+    # The stored dtype (a bf16 model validates in bf16: half the memory, the same overflow range as fp32).
+    return load_model(version, None, device, device_map, dtype="auto")
 
 
 def validate_version(version: Path, texts: list[str], max_texts: int = 8, max_length: int = 256,
                      device: str = "cpu", device_map: str | None = None) -> dict:
     """The merged version loads, its weights are finite, and a forward pass on typical samples is finite."""
+    from recall_hf.models import load_tokenizer
+
     try:
         model = forward_model(version, device, device_map)
         tok_dir = version

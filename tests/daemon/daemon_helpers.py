@@ -23,7 +23,7 @@ from recall_daemon import DaemonConfig, DaemonService, DeployStore
 from recall_daemon.intake import safe_name
 from recall_daemon.journal import IDLE
 from recall_daemon.store import REASON_NAME
-from recall_hf.checkpoint import READY, weight_hashes
+from recall_hf.modeldir import READY, weight_hashes
 
 SAMPLES = [
     "the movie was good and the acting was great",

@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 from recall_daemon import cli
 from recall_daemon.faults import FAULT_ENV
 from recall_daemon.intake import content_hash
-from recall_hf.checkpoint import READY, current_umask, weight_hashes
+from recall_hf.durable import current_umask
+from recall_hf.modeldir import READY, weight_hashes
 
 pytest_plugins = ["daemon_fixtures"]
 
