@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -182,13 +182,17 @@ class FoldSearch:
         n_layers: number of layers `L + 1`.
         fingerprints: every task's fingerprint, by name.
         weights: objective weight per task (`task_weights`).
+        scorer: `scorer(model, fingerprints) -> {task: TaskScore}` (default `score_tasks`); a caller whose tasks
+            each need their own head (one encoder, one classifier head per task) swaps heads in it.
     """
 
     def __init__(self, model, delta: dict[str, torch.Tensor], layers: dict[str, int], n_layers: int,
-                 fingerprints: Mapping[str, Fingerprint], weights: Mapping[str, float], batch_size: int = 8):
+                 fingerprints: Mapping[str, Fingerprint], weights: Mapping[str, float], batch_size: int = 8,
+                 scorer: Callable[..., Mapping[str, TaskScore]] | None = None):
         self.model, self.delta, self.layers = model, delta, layers
         self.params = dict(model.named_parameters())
-        self.fingerprints, self.weights, self.batch_size = fingerprints, weights, batch_size
+        self.fingerprints, self.weights = fingerprints, weights
+        self.scorer = scorer or (lambda m, fps: score_tasks(m, fps, batch_size))
         self.a = torch.zeros(n_layers, dtype=torch.float64)
         self.tried: dict[tuple[float, ...], Candidate] = {}
         self.candidates: list[Candidate] = []
@@ -219,7 +223,7 @@ class FoldSearch:
         if self.key(a) in self.tried:
             return self.tried[self.key(a)]
         self.move_to(a)
-        scores = score_tasks(self.model, self.fingerprints, self.batch_size)
+        scores = self.scorer(self.model, self.fingerprints)
         cand = Candidate(name, family, param, a.tolist(), {t: asdict(s) for t, s in scores.items()},
                          objective(scores, self.weights))
         logger.info("Calibrated fold: %s objective %.5f", name, cand.objective)
@@ -361,27 +365,29 @@ def calibrated_fold(
     profile = _check_profile(profile, n)
     timings = {"load": time.perf_counter() - t0}
     t = time.perf_counter()
-    new_scores = score_tasks(model, fingerprints, config.batch_size)
+    scores = score_tasks(model, fingerprints, config.batch_size)
     new_cand = Candidate("new", "new", None, None if from_base else [1.0] * n,
-                         {k: asdict(s) for k, s in new_scores.items()}, objective(new_scores, tw))
+                         {k: asdict(s) for k, s in scores.items()}, objective(scores, tw))
     timings["score_new"] = time.perf_counter() - t
     t = time.perf_counter()
     delta, layers = _delta_and_deploy(model, deployed, parent, layer_map)
     timings["delta"] = time.perf_counter() - t
     t = time.perf_counter()
     search = FoldSearch(model, delta, layers, n, fingerprints, tw, config.batch_size)
+    del model, delta  # the search holds the only references: released with it below
     search.register(new_cand, None if from_base else torch.ones(n, dtype=torch.float64))
     chosen = search_fold(search, profile, config, n)
     timings["search"] = time.perf_counter() - t
-    del model, delta, search.model, search.params, search.delta
+    candidates = search.candidates
+    del search
     timings["total"] = time.perf_counter() - t0
     inputs = [parent, deployed, new] if from_base else [deployed, new]
-    coefs = torch.tensor(chosen.coefficients, dtype=torch.float64) if chosen.coefficients is not None else None
     report = {
         "protocol": "from-base" if from_base else "chain", "inputs": [str(p) for p in inputs], "new_task": new_task,
         "task_weights": tw, "profile": None if profile is None else profile.tolist(), "config": asdict(config),
-        "candidates": [asdict(c) for c in search.candidates], "chosen": asdict(chosen), "timings": timings,
+        "candidates": [asdict(c) for c in candidates], "chosen": asdict(chosen), "timings": timings,
     }
     logger.info("Calibrated fold chose %s (objective %.5f) of %d candidates in %.1fs", chosen.name,
-                chosen.objective, len(search.candidates), timings["total"])
+                chosen.objective, len(candidates), timings["total"])
+    coefs = torch.tensor(chosen.coefficients, dtype=torch.float64) if chosen.coefficients is not None else None
     return CalibratedFold(inputs, merge_weights(coefs, n, from_base), chosen, report)

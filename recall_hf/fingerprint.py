@@ -349,7 +349,7 @@ def _encoder_forward(model, seqs: list[list[int]], pad_id: int) -> tuple[torch.T
     """Head logits `[B, C]` (classifiers; `None` otherwise) and the mean-pooled last layer `[B, H]`, fp32 CPU."""
     from .representations import masked_mean
 
-    pad = getattr(_inner(model).config, "pad_token_id", None)
+    pad = getattr(getattr(_inner(model), "config", None), "pad_token_id", None)
     ids, mask = _pad(seqs, pad if isinstance(pad, int) else pad_id, left=False, device=_device(model))
     out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
     logits = out.logits.float().cpu() if model_kind(model) == "classifier" else None
@@ -556,9 +556,18 @@ def load_task_model(model_dir: str | Path, device: str = "cpu") -> torch.nn.Modu
 def fingerprint_for_checkpoint(
     model, tokenizer, samples: list[dict], task: str, sharded: bool = False, config: FingerprintConfig | None = None
 ) -> Fingerprint | None:
-    """The fingerprint `write_task_checkpoint` stores, or `None` (logged) when it cannot run the model here."""
+    """The fingerprint `write_task_checkpoint` stores, or `None` (logged) when it cannot run the model here.
+
+    A model the fingerprint cannot replay (an architecture whose forward takes other inputs) is logged and skipped,
+    not raised: the end of a training run must not lose its checkpoint over this record, and the checkpoint still
+    merges with `calibrate=False`.
+    """
     if isinstance(model, (str, Path)) or tokenizer is None or sharded:
         why = "a sharded model" if sharded else ("no tokenizer" if tokenizer is None else "a model directory")
         logger.warning("No fingerprint for task %r (given %s); make one with make_task_checkpoint.", task, why)
         return None
-    return compute_fingerprint(model, tokenizer, [s["text"] for s in samples], task, config)
+    try:
+        return compute_fingerprint(model, tokenizer, [s["text"] for s in samples], task, config)
+    except (ValueError, RuntimeError, TypeError) as err:
+        logger.warning("No fingerprint for task %r: %s", task, (str(err).splitlines() or [type(err).__name__])[0])
+        return None

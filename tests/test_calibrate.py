@@ -186,3 +186,16 @@ def test_classifier_fold_scores_head_logits(tmp_path):
     cands = _by_name(fold)
     assert cands["keep"]["scores"]["old"]["divergence"] < 1e-8 < cands["keep"]["scores"]["new"]["divergence"]
     assert fold.chosen.objective <= min(cands["keep"]["objective"], cands["new"]["objective"])
+
+
+def test_tied_embeddings_fold_and_fusion_agree(tmp_path):
+    model, tok = build_tiny_model("qwen2", texts=PROBES)  # tie_word_embeddings: lm_head is the embedding
+    d = _save(model, tok, tmp_path / "D")
+    perturb(model, "", scale=0.2, seed=7)
+    n = _save(model, tok, tmp_path / "N")
+    fps = _task_fingerprints(d, n)
+    fold = calibrated_fold(d, n, fps, new_task="new", config=FAST)
+    cands = _by_name(fold)
+    assert fold.chosen.objective <= min(cands["keep"]["objective"], cands["new"]["objective"])
+    got = _fused_objective(fold, LayerMap.from_pretrained(d), tmp_path / "out", fps)
+    assert got == pytest.approx(fold.chosen.objective, rel=1e-3, abs=1e-6)

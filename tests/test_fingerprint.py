@@ -217,3 +217,13 @@ def test_make_task_checkpoint_refuses_a_folder_without_weights(tmp_path):
         make_task_checkpoint(folder, PROBES)
     assert "\n" not in str(err.value)
     assert not (folder / READY).exists() and not (folder / RECALL_JSON).exists()
+
+
+def test_checkpoint_fingerprint_is_skipped_not_fatal_when_the_model_cannot_replay(tiny, caplog):
+    from recall_hf.fingerprint import fingerprint_for_checkpoint
+
+    _, tok, _ = tiny["llama"]
+    samples = [{"text": t} for t in PROBES]
+    assert fingerprint_for_checkpoint(torch.nn.Linear(2, 2), tok, samples, "t") is None
+    assert fingerprint_for_checkpoint("some/dir", tok, samples, "t") is None
+    assert "No fingerprint for task 't'" in caplog.text
