@@ -264,14 +264,27 @@ def _check_plain_model_dir(model_dir: Path, overwrite: bool) -> None:
     if not any(is_weight_file(p.name) for p in model_dir.iterdir() if p.is_file()):
         raise ValueError(f"{model_dir} holds no weight files (*.safetensors, *.bin); point at a fine-tuned model "
                          "folder.")
-    if is_adapter_dir(model_dir):
-        raise ValueError(f"{model_dir} is a LoRA adapter; make_task_checkpoint handles full model folders only "
-                         "so far.")
-    if not (model_dir / "config.json").is_file():
+    if not is_adapter_dir(model_dir) and not (model_dir / "config.json").is_file():
         raise ValueError(f"{model_dir} has no config.json; save the model with save_pretrained.")
     if (model_dir / READY).exists() and not overwrite:
         raise ValueError(f"{model_dir} is already a task checkpoint ({READY} present); pass overwrite=True to "
                          "redo it.")
+
+
+def _load_checkpoint_model(model_dir: Path, base: str | None, device: str):
+    """`(model, tokenizer, kind, base)`: a full model folder, or a LoRA adapter folder on its local base model."""
+    if not is_adapter_dir(model_dir):
+        return load_task_model(model_dir, device), load_tokenizer(model_dir), "full", base
+    from peft import PeftModel
+
+    base = base or json.loads((model_dir / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
+    if not base or not Path(base).is_dir():
+        raise ValueError(f"{model_dir} is a LoRA adapter whose base model {base!r} is not a local directory; "
+                         "pass base=DIR (the model the adapter was trained on).")
+    has_tokenizer = any((model_dir / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
+    tokenizer = load_tokenizer(model_dir if has_tokenizer else base)
+    model = PeftModel.from_pretrained(load_task_model(base, device), str(model_dir))
+    return model.eval(), tokenizer, "adapter", _local_abs(base)
 
 
 def make_task_checkpoint(
@@ -285,18 +298,20 @@ def make_task_checkpoint(
     overwrite: bool = False,
     progress: bool = False,
 ) -> Path:
-    """Turn a plain fine-tuned model folder into a task checkpoint in place (SPEC 3).
+    """Turn a plain fine-tuned model or LoRA adapter folder into a task checkpoint in place (SPEC 3).
 
     Picks the typical samples of `texts`, records the model's fingerprint on them, writes `recall_samples.jsonl`,
     `recall_fingerprint.safetensors` and `recall.json` (each atomically), then `READY` last. The weights are not
     touched. A folder in a drop folder is safe: without `READY` it is taken only after it has stopped changing.
 
     Args:
-        model_dir: the folder (`config.json` and weights, as `save_pretrained` writes them).
+        model_dir: the folder (`config.json` and weights, or a PEFT LoRA adapter, as `save_pretrained` writes
+            them).
         texts: the task's training texts (prompt side), or a `.jsonl` (`{"text": ...}` lines) / `.txt` file.
         task: the task's name (default: the folder's name).
         parent: the model fine-tuning started from (the deployed model in the chain protocol, else the base).
-        base: the original base model (default: the parent's recorded base, else the parent).
+        base: the original base model (default: the parent's recorded base, else the parent; for an adapter its
+            `base_model_name_or_path`, which must be a local directory).
         config: a `RecallConfig` for the sample selection (`k`, seeds, batching, device).
         fingerprint_config: a `FingerprintConfig`.
         overwrite: redo a folder that already is a task checkpoint.
@@ -308,7 +323,8 @@ def make_task_checkpoint(
     task = task or model_dir.resolve().name
     parent = _local_abs(parent)
     base = _local_abs(base if base is not None else _base_of(parent))
-    model, tokenizer = load_task_model(model_dir, config.device), load_tokenizer(model_dir)
+    model, tokenizer, kind, base = _load_checkpoint_model(model_dir, base, config.device)
+    parent = parent or (base if kind == "adapter" else None)
     samples = select_typical_samples(texts, model, tokenizer, config, progress)
     fp = compute_fingerprint(model, tokenizer, [s["text"] for s in samples], task, fingerprint_config)
     del model
@@ -316,7 +332,7 @@ def make_task_checkpoint(
     fsync_dir(model_dir)
     _write_samples_atomic(model_dir / SAMPLES_NAME, samples)
     save_fingerprint(fp, model_dir / FINGERPRINT_NAME)
-    write_json(model_dir / RECALL_JSON, task_record(model_dir, task, "full", parent, base, len(samples), None))
+    write_json(model_dir / RECALL_JSON, task_record(model_dir, task, kind, parent, base, len(samples), None))
     fsync_dir(model_dir)
     write_ready(model_dir)
     logger.info("Made %s a task checkpoint of task %r (%d samples, fingerprint %s)", model_dir, task, len(samples),

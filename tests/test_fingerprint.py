@@ -17,6 +17,7 @@ from recall_hf.fingerprint import (
     compute_fingerprint,
     fingerprint_divergence,
     load_fingerprint,
+    load_task_model,
     logits_kl,
     read_fingerprints,
     save_fingerprint,
@@ -227,3 +228,27 @@ def test_checkpoint_fingerprint_is_skipped_not_fatal_when_the_model_cannot_repla
     assert fingerprint_for_checkpoint(torch.nn.Linear(2, 2), tok, samples, "t") is None
     assert fingerprint_for_checkpoint("some/dir", tok, samples, "t") is None
     assert "No fingerprint for task 't'" in caplog.text
+
+
+def test_make_task_checkpoint_takes_a_lora_adapter_folder_on_its_local_base(tmp_path):
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    base = tmp_path / "base"
+    model, _ = build_tiny_model("llama", base, texts=PROBES)
+    peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(0)) * 0.3)
+    peft_model.peft_config["default"].base_model_name_or_path = str(base)
+    adapter = tmp_path / "adapter"
+    peft_model.save_pretrained(adapter)  # no tokenizer in the folder: the base's is used
+    make_task_checkpoint(adapter, PROBES, task="lora-task")
+    record = json.loads((adapter / RECALL_JSON).read_text())
+    assert record["weights"] == "adapter" and record["base"] == record["parent"] == str(base.resolve())
+    fp = read_fingerprints(adapter)["lora-task"]
+    reloaded = PeftModel.from_pretrained(load_task_model(base), str(adapter))
+    assert fingerprint_divergence(reloaded, fp).divergence < 1e-6
+    assert fingerprint_divergence(load_task_model(base), fp).divergence > 1e-4  # the adapter's effect is recorded
+    with pytest.raises(ValueError, match="not a local directory"):
+        make_task_checkpoint(adapter, PROBES, base=tmp_path / "nowhere", overwrite=True)
