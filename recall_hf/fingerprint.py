@@ -244,6 +244,15 @@ def read_fingerprints(model_dir: str | Path) -> dict[str, Fingerprint]:
     return out
 
 
+def collect_fingerprints(*model_dirs: str | Path) -> dict[str, Fingerprint]:
+    """The union of the folders' fingerprints (a deployed version's and a new drop's): what a merge output carries
+    and scores against. A later folder's fingerprint replaces an earlier one of the same task (a retrained task)."""
+    out: dict[str, Fingerprint] = {}
+    for d in model_dirs:
+        out.update(read_fingerprints(d))
+    return out
+
+
 # ------------------------------------------------------------------------------------------------- divergence math
 
 

@@ -14,6 +14,7 @@ from recall_hf.checkpoint import READY, RECALL_JSON, weight_hashes
 from recall_hf.fingerprint import (
     FINGERPRINT_NAME,
     FingerprintConfig,
+    collect_fingerprints,
     compute_fingerprint,
     fingerprint_divergence,
     load_fingerprint,
@@ -174,6 +175,11 @@ def test_a_version_carries_every_task_fingerprint(tiny, tmp_path):
     back = read_fingerprints(tmp_path)
     assert sorted(back) == sorted(fps)
     assert torch.equal(back["task/with odd name"].topk_ids, fps["task/with odd name"].topk_ids)
+    drop = tmp_path / "drop"
+    drop.mkdir()
+    save_fingerprint(replace(tiny["bert"][2], task="task-llama"), drop / FINGERPRINT_NAME)
+    union = collect_fingerprints(tmp_path, drop)
+    assert sorted(union) == sorted(fps) and union["task-llama"].kind == "classifier"  # the newer drop wins
 
 
 # ------------------------------------------------------------------------------------------------- task checkpoints
