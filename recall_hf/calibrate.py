@@ -233,7 +233,7 @@ class FoldSearch:
 def _family_search(search: FoldSearch, profile: torch.Tensor | None, config: CalibrationConfig, n: int) -> None:
     """Both families over their grids, then the midpoints around the best member of either."""
     top = config.max_coefficient
-    families = {"constant": (sorted({0.0, 1.0, *(min(a, top) for a in config.alphas)}),
+    families = {"constant": (sorted({0.0, min(1.0, top), *(min(a, top) for a in config.alphas)}),
                              lambda v: torch.full((n,), float(v), dtype=torch.float64))}
     if profile is not None:
         families["profile"] = (sorted(set(config.scales)), lambda v: profile_coefficients(profile, v, top))
