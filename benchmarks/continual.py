@@ -663,6 +663,74 @@ class RecallEngine:
         return merged, record
 
 
+class CalibratedEngine:
+    """The calibrated fold (`recall_hf.calibrate`) on in-memory states: one fingerprint per task model (with its
+    own head for the encoder), candidates scored in the family's model moved in place."""
+
+    def __init__(self, fam: FamilyBase, args: argparse.Namespace, recall: RecallEngine):
+        self.fam, self.args, self.recall = fam, args, recall
+        self.seconds = collections.Counter()
+
+    def _use_head(self, head: State | None) -> None:
+        if self.fam.has_heads:
+            self.fam.core.classifier = self.fam.head_module(head)
+
+    def fingerprint(self, new: State, head: State | None, task: Prepared, k: int, seed: int):
+        from recall_hf.fingerprint import FingerprintConfig, compute_fingerprint
+
+        samples = self.recall.typical_samples(new, task, k, seed)
+        t = time.perf_counter()
+        self.fam.load(new)
+        self._use_head(head)
+        cfg = FingerprintConfig(max_length=self.args.max_length, batch_size=self.args.eval_batch_size)
+        fp = compute_fingerprint(self.fam.core, self.fam.tok, samples, task.name, cfg)
+        self.seconds["fingerprints"] += time.perf_counter() - t
+        return fp
+
+    def scores(self, model: torch.nn.Module, fps: dict, heads: dict) -> dict:
+        from recall_hf.fingerprint import fingerprint_divergence
+
+        out = {}
+        for name, fp in fps.items():
+            self._use_head(heads.get(name))
+            out[name] = fingerprint_divergence(model, fp, self.args.eval_batch_size)
+        return out
+
+    def merge(self, opts: dict, deployed: State, new: State, parent: State, from_base: bool, fps: dict,
+              heads: dict, new_task: str) -> tuple[State, dict]:
+        from dataclasses import asdict
+
+        from recall_hf import calibrate as C
+
+        t = time.perf_counter()
+        n = self.fam.layer_map.num_layers + 1
+        weights = C.task_weights(list(fps), new_task, opts["new"] or None)
+        scorer = lambda m, f: self.scores(m, f, heads)  # noqa: E731
+        new_cand = None
+        if from_base:  # the new model as it is lies outside D + a (N - base): score it on its own
+            self.fam.load(new)
+            s = scorer(self.fam.core, fps)
+            new_cand = C.Candidate("new", "new", None, None, {k: asdict(v) for k, v in s.items()},
+                                   C.objective(s, weights))
+        self.fam.load(deployed)
+        params = dict(self.fam.core.named_parameters())
+        delta = {k: (new[k] - parent[k]).to(params[k].device) for k in params if k in new}
+        search = C.FoldSearch(self.fam.core, delta, {k: self.fam.layer_of(k) for k in delta}, n, fps, weights,
+                              scorer=scorer)
+        if new_cand is not None:
+            search.register(new_cand, None)
+        chosen = C.search_fold(search, None, C.CalibrationConfig(scales=()), n)
+        if chosen.coefficients is None:
+            merged = new
+        else:
+            search.move_to(torch.tensor(chosen.coefficients, dtype=torch.float64))
+            merged = self.fam.shared_state()
+        self.seconds["search"] += time.perf_counter() - t
+        record = {"chosen": chosen.name, "objective": chosen.objective,
+                  "candidates": {c.name: c.objective for c in search.candidates}}
+        return merged, record
+
+
 # ------------------------------------------------------------------------------------------------------ protocols
 
 
@@ -690,6 +758,10 @@ def fold(
         return M.interpolate(deployed, new, o["alpha"]), None
     if spec.family == "mean":
         return M.running_mean(deployed, new, step), None
+    if spec.family == "calibrated":
+        from_base = ctx["protocol"] == "from-base"
+        return ctx["calibrated"].merge(o, deployed, new, base if from_base else deployed, from_base,
+                                       ctx["fingerprints"], ctx["heads"], task.name)
     if spec.family == "recall":
         tv_base = base if ctx["protocol"] == "from-base" else None
         return ctx["recall"].merge(o, step, base, deployed, new, task, ctx["seed"], tv_base, ctx.get("old_probes"))
@@ -724,6 +796,7 @@ def run_method(
     acc: list[list[float | None]] = []
     records = []
     old_probes: list[list[str]] = []  # recall old=1: typical samples of the tasks folded in so far
+    fps: dict = {}  # calibrated: fingerprints of the tasks folded in so far
     eval_names_all = list(order)
     for step, name in enumerate(order, 1):
         task = ctx["tasks"][name]
@@ -732,10 +805,12 @@ def run_method(
         else:
             new = ctx["chain_finetune"](deployed, heads, name)
         heads[name] = new.heads.get(name)
+        if spec.family == "calibrated":  # what the task's drop carries: its model's fingerprint
+            fps[name] = ctx["calibrated"].fingerprint(new.shared, heads[name], task, spec.options["k"], ctx["seed"])
         if protocol == "from-base":
             ctx["vectors"] = [M.task_vector(task_models[n].shared, fam.base) for n in order[:step]]
-        merged, rec = fold(spec, step, {**ctx, "protocol": protocol, "old_probes": old_probes}, deployed, new.shared,
-                           task)
+        step_ctx = {**ctx, "protocol": protocol, "old_probes": old_probes, "fingerprints": fps, "heads": heads}
+        merged, rec = fold(spec, step, step_ctx, deployed, new.shared, task)
         ctx.pop("vectors", None)
         if spec.family == "recall" and spec.options["old"]:
             old_probes.append(ctx["recall"].typical_samples(new.shared, task, spec.options["k"], ctx["seed"]))
@@ -962,6 +1037,7 @@ def run_seed(fam: FamilyBase, args, seed: int, chain: list, from_base: list, res
         "base": fam.base,
         "seed": seed,
         "recall": engine,
+        "calibrated": CalibratedEngine(fam, args, engine),
     }
     for spec in tqdm(from_base, desc=f"seed {seed} from-base methods", disable=not args.progress):
         run = run_method(spec, "from-base", ctx, order, task_models)
@@ -990,6 +1066,7 @@ def run_seed(fam: FamilyBase, args, seed: int, chain: list, from_base: list, res
     timings["chain_finetune"] = ft_time[0]
     timings["evaluation"] = evaluator.seconds
     timings.update({f"recall_{k}": v for k, v in engine.seconds.items()})
+    timings.update({f"calibrated_{k}": v for k, v in ctx["calibrated"].seconds.items()})
     results["timings"][str(seed)] = dict(timings)
     results["eval_cache"][str(seed)] = {"calls": evaluator.calls, "hits": evaluator.hits}
 

@@ -273,6 +273,15 @@ FAMILIES: dict[str, Family] = {
             "tv=1 task-vector scaling w/max(w) instead of convex weights (from-base), lam>0 with tv=1: old task "
             "vectors kept whole and the new one scaled by lam * w_new / uniform share (from-base), k=typical samples)",
         ),
+        Family(
+            "calibrated",
+            ("chain", "from-base"),
+            {"new": 0.0, "k": 32},
+            "calibrated fold (recall_hf.calibrate): D + a (N - P), P = D (chain) or the base (from-base), a picked "
+            "per step among 0, 0.25, 0.5, 0.75, 1 (+ midpoints) and N as is, by the fingerprint KL of every task so "
+            "far on its typical samples (new>0: the newest task's share of the objective, else tasks equal; "
+            "k=typical samples)",
+        ),
     ]
 }
 

@@ -134,11 +134,17 @@ def markdown(results: dict) -> str:
         lines.append("")
     lines += ["## RECALL: the new model's per-layer weight at each step (first seed)", ""]
     for run in results["runs"]:
-        if run.get("recall") and run["seed"] == cfg["seeds"][0]:
+        if run.get("recall") and run.get("family") == "recall" and run["seed"] == cfg["seeds"][0]:
             lines.append(f"- {run['method']} ({run['protocol']}):")
             for rec in run["recall"]:
                 w = [row[-1] for row in rec["weights"]]
                 lines.append(f"  - step {rec['step']}: " + " ".join(f"{x:.2f}" for x in w))
+    calibrated = [r for r in results["runs"] if r.get("family") == "calibrated" and r["seed"] == cfg["seeds"][0]]
+    if calibrated:
+        lines += ["", "## Calibrated fold: the candidate chosen at steps 2.. (first seed)", ""]
+        for run in calibrated:
+            picks = ", ".join(f"{rec['chosen']} ({rec['objective']:.4f})" for rec in run["recall"])
+            lines.append(f"- {run['method']} ({run['protocol']}): {picks}")
     timings = results.get("timings", {})
     if timings:
         lines += ["", "## Timings (seconds, per seed)", ""]

@@ -17,6 +17,8 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_STEM = "adapter_model"
 # Files that describe one merge or one task, never carried over into a merge's output.
 NOT_COPIED = {RECALL_JSON, READY, REPORT_NAME, PLOT_NAME, "recall_samples.jsonl", "README.md"}
+# A task's fingerprint (SPEC 2.7) describes that task's model, not a merge output: never carried over as is.
+NOT_COPIED |= {"recall_fingerprint.safetensors"}
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
@@ -28,6 +30,8 @@ def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
 
 
 def is_weight_file(name: str) -> bool:
+    if name.startswith("recall_"):  # our own files (the fingerprint is a .safetensors) are never weights
+        return False
     return name.endswith((".safetensors", ".bin", ".pt", ".pth")) or name.endswith(".safetensors.index.json")
 
 

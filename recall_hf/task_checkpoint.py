@@ -17,7 +17,17 @@ from pathlib import Path
 import torch
 
 from . import __version__
+from .config import RecallConfig
 from .durable import fsync_dir, staged_dir, write_json
+from .fingerprint import (
+    FINGERPRINT_NAME,
+    Fingerprint,
+    FingerprintConfig,
+    compute_fingerprint,
+    fingerprint_for_checkpoint,
+    load_task_model,
+    save_fingerprint,
+)
 from .modeldir import (
     ADAPTER_CONFIG,
     NOT_COPIED,
@@ -28,7 +38,8 @@ from .modeldir import (
     read_recall_json,
     weight_hashes,
 )
-from .samples import SAMPLES_NAME, write_samples
+from .models import load_tokenizer
+from .samples import SAMPLES_NAME, read_texts, select_typical_samples, write_samples
 
 logger = logging.getLogger(__name__)
 
@@ -167,6 +178,26 @@ def check_task_args(samples: list[dict], task_name: str, extra: dict | None) -> 
     json.dumps(extra or {})  # fail before writing anything if extra is not serialisable
 
 
+def task_record(
+    folder: Path, task: str, kind: str, parent: str | None, base: str | None, num_samples: int, extra: dict | None
+) -> dict:
+    """The `recall.json` of a task checkpoint whose weights are already in `folder` (they are hashed here)."""
+    return {
+        "kind": "task-checkpoint",
+        "task": task,
+        "weights": kind,
+        "parent": parent,
+        "parent_sha256": _parent_hashes(parent),
+        "base": base,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "library_version": __version__,
+        "task_count": 1,
+        "num_samples": num_samples,
+        "sha256": weight_hashes(folder),
+        **(extra or {}),
+    }
+
+
 def write_task_checkpoint(
     model,
     tokenizer,
@@ -177,6 +208,7 @@ def write_task_checkpoint(
     base: str | Path | None = None,
     extra: dict | None = None,
     state_dict: dict[str, torch.Tensor] | None = None,
+    fingerprint: bool | Fingerprint = True,
 ) -> Path:
     """Write a complete task checkpoint to `out_dir` (must not exist or be empty), atomically.
 
@@ -192,6 +224,9 @@ def write_task_checkpoint(
         base: the original base model (default: the parent's recorded `base`, else the parent).
         extra: more JSON-serialisable fields for `recall.json`.
         state_dict: a gathered state dict to save instead of `model.state_dict()` (FSDP / DeepSpeed ZeRO-3).
+        fingerprint: `True` records the model's behaviour on the samples in `recall_fingerprint.safetensors` (SPEC
+            2.7) when the model object can run here (not for a directory or a sharded model); a `Fingerprint` is
+            written as given; `False` writes none.
 
     Returns:
         The checkpoint directory.
@@ -203,25 +238,106 @@ def write_task_checkpoint(
     base = _local_abs(base if base is not None else (default_base or _base_of(parent)))
     out_dir = Path(out_dir)
     t0 = time.perf_counter()
+    if fingerprint is True:
+        fingerprint = fingerprint_for_checkpoint(model, tokenizer, samples, task_name, sharded=state_dict is not None)
     with staged_task_dir(out_dir) as stage:
         kind = save_weights(model, stage, state_dict)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(stage))
         write_samples(stage / SAMPLES_NAME, samples)
-        write_json(stage / RECALL_JSON, {
-            "kind": "task-checkpoint",
-            "task": task_name,
-            "weights": kind,
-            "parent": parent,
-            "parent_sha256": _parent_hashes(parent),
-            "base": base,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "library_version": __version__,
-            "task_count": 1,
-            "num_samples": len(samples),
-            "sha256": weight_hashes(stage),
-            **(extra or {}),
-        })
+        if isinstance(fingerprint, Fingerprint):
+            save_fingerprint(fingerprint, stage / FINGERPRINT_NAME)
+        write_json(stage / RECALL_JSON, task_record(stage, task_name, kind, parent, base, len(samples), extra))
     logger.info("Task checkpoint %r (%s, %d samples) written to %s in %.1fs", task_name, kind, len(samples),
                 out_dir, time.perf_counter() - t0)
     return out_dir
+
+
+def _write_samples_atomic(path: Path, samples: list[dict]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    write_samples(tmp, samples)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _check_plain_model_dir(model_dir: Path, overwrite: bool) -> None:
+    if not model_dir.is_dir():
+        raise ValueError(f"Model directory {model_dir} does not exist.")
+    if not any(is_weight_file(p.name) for p in model_dir.iterdir() if p.is_file()):
+        raise ValueError(f"{model_dir} holds no weight files (*.safetensors, *.bin); point at a fine-tuned model "
+                         "folder.")
+    if not is_adapter_dir(model_dir) and not (model_dir / "config.json").is_file():
+        raise ValueError(f"{model_dir} has no config.json; save the model with save_pretrained.")
+    if (model_dir / READY).exists() and not overwrite:
+        raise ValueError(f"{model_dir} is already a task checkpoint ({READY} present); pass overwrite=True to "
+                         "redo it.")
+
+
+def _load_checkpoint_model(model_dir: Path, base: str | None, device: str):
+    """`(model, tokenizer, kind, base)`: a full model folder, or a LoRA adapter folder on its local base model."""
+    if not is_adapter_dir(model_dir):
+        return load_task_model(model_dir, device), load_tokenizer(model_dir), "full", base
+    from peft import PeftModel
+
+    base = base or json.loads((model_dir / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
+    if not base or not Path(base).is_dir():
+        raise ValueError(f"{model_dir} is a LoRA adapter whose base model {base!r} is not a local directory; "
+                         "pass base=DIR (the model the adapter was trained on).")
+    has_tokenizer = any((model_dir / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
+    tokenizer = load_tokenizer(model_dir if has_tokenizer else base)
+    model = PeftModel.from_pretrained(load_task_model(base, device), str(model_dir))
+    return model.eval(), tokenizer, "adapter", _local_abs(base)
+
+
+def make_task_checkpoint(
+    model_dir: str | Path,
+    texts: list[str] | str | Path,
+    task: str | None = None,
+    parent: str | Path | None = None,
+    base: str | Path | None = None,
+    config: RecallConfig | None = None,
+    fingerprint_config: FingerprintConfig | None = None,
+    overwrite: bool = False,
+    progress: bool = False,
+) -> Path:
+    """Turn a plain fine-tuned model or LoRA adapter folder into a task checkpoint in place (SPEC 3).
+
+    Picks the typical samples of `texts`, records the model's fingerprint on them, writes `recall_samples.jsonl`,
+    `recall_fingerprint.safetensors` and `recall.json` (each atomically), then `READY` last. The weights are not
+    touched. A folder in a drop folder is safe: without `READY` it is taken only after it has stopped changing.
+
+    Args:
+        model_dir: the folder (`config.json` and weights, or a PEFT LoRA adapter, as `save_pretrained` writes
+            them).
+        texts: the task's training texts (prompt side), or a `.jsonl` (`{"text": ...}` lines) / `.txt` file.
+        task: the task's name (default: the folder's name).
+        parent: the model fine-tuning started from (the deployed model in the chain protocol, else the base).
+        base: the original base model (default: the parent's recorded base, else the parent; for an adapter its
+            `base_model_name_or_path`, which must be a local directory).
+        config: a `RecallConfig` for the sample selection (`k`, seeds, batching, device).
+        fingerprint_config: a `FingerprintConfig`.
+        overwrite: redo a folder that already is a task checkpoint.
+    """
+    model_dir = Path(model_dir)
+    _check_plain_model_dir(model_dir, overwrite)
+    config = config or RecallConfig()
+    texts = read_texts(texts) if isinstance(texts, (str, Path)) else list(texts)
+    task = task or model_dir.resolve().name
+    parent = _local_abs(parent)
+    base = _local_abs(base if base is not None else _base_of(parent))
+    model, tokenizer, kind, base = _load_checkpoint_model(model_dir, base, config.device)
+    parent = parent or (base if kind == "adapter" else None)
+    samples = select_typical_samples(texts, model, tokenizer, config, progress)
+    fp = compute_fingerprint(model, tokenizer, [s["text"] for s in samples], task, fingerprint_config)
+    del model
+    (model_dir / READY).unlink(missing_ok=True)
+    fsync_dir(model_dir)
+    _write_samples_atomic(model_dir / SAMPLES_NAME, samples)
+    save_fingerprint(fp, model_dir / FINGERPRINT_NAME)
+    write_json(model_dir / RECALL_JSON, task_record(model_dir, task, kind, parent, base, len(samples), None))
+    fsync_dir(model_dir)
+    write_ready(model_dir)
+    logger.info("Made %s a task checkpoint of task %r (%d samples, fingerprint %s)", model_dir, task, len(samples),
+                fp.kind)
+    return model_dir

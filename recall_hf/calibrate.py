@@ -1,0 +1,393 @@
+"""Calibrated fold (SPEC 2.7): choose the fold whose behaviour stays closest to every folded task's fingerprint.
+
+Inputs: the deployed model D, the new task model N and N's parent P (P = D in the chain protocol, the base in the
+from-base protocol). Candidates are `D + a_l (N - P)` with per-layer coefficients `a_l` from two families that hold
+today's rules as special cases:
+
+* `constant`: `a_l = a` (plain interpolation when P = D; task arithmetic with lambda `a` on the new task vector);
+* `profile`: `a_l = min(1, s * profile_l)`, RECALL's per-layer weight of the newest model scaled by `s`
+  (`s = 1` with P = D is today's convex RECALL fold of two models);
+
+plus both endpoints: keep D (`a = 0`) and take N as it is (`a = 1` when P = D; N itself otherwise). Around the best
+family member one refinement halves the grid step, and optionally each layer group's coefficients are nudged once.
+Each candidate is scored by replaying every task's fingerprint (`fingerprint.py`); the objective is the weighted
+mean of the per-task divergences, tasks equal by default, the newest task's share settable so that it does not fade
+as tasks accumulate. The minimum wins; since both endpoints are candidates, the chosen fold never scores worse
+than either of them.
+
+Memory: one working model plus one delta `N - P` (two models in fp32). The working model moves from candidate to
+candidate in place (`theta += (a'_l - a_l) * delta`); no candidate is written to disk. Models larger than two fp32
+copies in memory are not handled: use `calibrate=False` for them. The chosen coefficients come back as per-layer
+merge weights over the input folders, which `fusion.fuse_checkpoints` streams into the output.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .fingerprint import Fingerprint, TaskScore, load_task_model, score_tasks
+from .layers import LayerMap
+from .safetensors_io import CheckpointReader
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class CalibrationConfig:
+    """The calibrated fold's search.
+
+    Args:
+        alphas (`tuple[float, ...]`, *optional*, defaults to `(0.25, 0.5, 0.75)`):
+            Constant coefficients tried besides the endpoints 0 and 1.
+        scales (`tuple[float, ...]`, *optional*, defaults to `(0.5, 1.0, 1.5, 2.0)`):
+            Scales `s` of RECALL's per-layer profile tried (`a_l = min(max_coefficient, s * profile_l)`).
+        refine (`bool`, *optional*, defaults to `True`):
+            Try the midpoints between the best family member and its grid neighbours.
+        layer_groups (`int`, *optional*, defaults to `0`):
+            After the family search, nudge each of this many contiguous layer groups by `+-group_step` once
+            (0: off).
+        group_step (`float`, *optional*, defaults to `0.25`):
+            Step of the per-group nudges.
+        max_coefficient (`float`, *optional*, defaults to `1.0`):
+            Largest per-layer coefficient (1: never extrapolate past the new model's task vector).
+        new_task_weight (`float`, *optional*, defaults to `None`):
+            Share of the objective given to the newest task (the others split the rest equally); `None`: all
+            tasks equal.
+        batch_size (`int`, *optional*, defaults to `8`):
+            Batch size of the fingerprint replays.
+        device (`str`, *optional*, defaults to `"cpu"`):
+            Device holding the working model and the delta.
+    """
+
+    alphas: tuple[float, ...] = field(default=(0.25, 0.5, 0.75), metadata={"help": "Constant coefficients tried."})
+    scales: tuple[float, ...] = field(default=(0.5, 1.0, 1.5, 2.0), metadata={"help": "Profile scales tried."})
+    refine: bool = field(default=True, metadata={"help": "Try midpoints around the best family member."})
+    layer_groups: int = field(default=0, metadata={"help": "Per-layer-group refinement groups (0: off)."})
+    group_step: float = field(default=0.25, metadata={"help": "Step of the per-group nudges."})
+    max_coefficient: float = field(default=1.0, metadata={"help": "Largest per-layer coefficient."})
+    new_task_weight: float | None = field(default=None, metadata={"help": "Newest task's share of the objective."})
+    batch_size: int = field(default=8, metadata={"help": "Batch size of the fingerprint replays."})
+    device: str = field(default="cpu", metadata={"help": "Device of the working model and delta."})
+
+    def __post_init__(self) -> None:
+        values = [*self.alphas, *self.scales]
+        if any(not isinstance(v, (int, float)) or v < 0 for v in values):
+            raise ValueError(f"CalibrationConfig alphas and scales must be >= 0, got {values}.")
+        if not self.max_coefficient > 0:
+            raise ValueError(f"CalibrationConfig.max_coefficient must be > 0, got {self.max_coefficient}.")
+        if self.layer_groups < 0 or not self.group_step > 0:
+            raise ValueError("CalibrationConfig.layer_groups must be >= 0 and group_step > 0.")
+        if self.new_task_weight is not None and not 0 < self.new_task_weight <= 1:
+            raise ValueError(f"CalibrationConfig.new_task_weight must be in (0, 1], got {self.new_task_weight}.")
+        if self.batch_size < 1:
+            raise ValueError(f"CalibrationConfig.batch_size must be >= 1, got {self.batch_size}.")
+
+
+@dataclass
+class Candidate:
+    """One fold tried: its per-layer coefficients (`None`: the new model as it is) and its scores."""
+
+    name: str
+    family: str
+    param: float | None
+    coefficients: list[float] | None
+    scores: dict[str, dict[str, float]]
+    objective: float
+
+
+# ------------------------------------------------------------------------------------------------- pure math
+
+
+def task_weights(
+    tasks: list[str], new_task: str | None, new_task_weight: float | None = None,
+    weights: Mapping[str, float] | None = None,
+) -> dict[str, float]:
+    """Objective weights per task, summing to 1: `weights` if given, else equal, or `new_task_weight` for the
+    newest task and an equal split of the rest for the others."""
+    if not tasks:
+        raise ValueError("The calibrated fold needs at least one task fingerprint.")
+    if weights is not None:
+        missing = sorted(set(tasks) - set(weights))
+        if missing or any(not weights[t] >= 0 for t in tasks) or not sum(weights[t] for t in tasks) > 0:
+            raise ValueError(f"task weights must give every task {sorted(tasks)} a weight >= 0 (not all 0).")
+        raw = {t: float(weights[t]) for t in tasks}
+    elif new_task_weight is not None and new_task in tasks and len(tasks) > 1:
+        rest = (1.0 - new_task_weight) / (len(tasks) - 1)
+        raw = {t: (new_task_weight if t == new_task else rest) for t in tasks}
+    else:
+        raw = dict.fromkeys(tasks, 1.0)
+    total = sum(raw.values())
+    return {t: w / total for t, w in raw.items()}
+
+
+def objective(scores: Mapping[str, TaskScore], weights: Mapping[str, float]) -> float:
+    """Weighted mean over tasks of the fingerprint divergence."""
+    return float(sum(weights[t] * scores[t].divergence for t in weights))
+
+
+def profile_coefficients(profile: torch.Tensor, scale: float, max_coefficient: float = 1.0) -> torch.Tensor:
+    """`a_l = clamp(scale * profile_l, 0, max_coefficient)`."""
+    return (profile.double() * scale).clamp(0.0, max_coefficient)
+
+
+def merge_weights(coefficients: torch.Tensor | None, n_layers: int, from_base: bool) -> torch.Tensor:
+    """Per-layer fusion weights over the input folders for a chosen fold.
+
+    Chain (P = D), inputs `(D, N)`: `[1 - a_l, a_l]`. From-base, inputs `(P, D, N)`: `[-a_l, 1, a_l]`, or
+    `[0, 0, 1]` for the new model as it is (`coefficients=None`). The newest model comes last, as `fusion` expects.
+    """
+    if coefficients is None:
+        if not from_base:
+            coefficients = torch.ones(n_layers, dtype=torch.float64)
+        else:
+            return torch.tensor([[0.0, 0.0, 1.0]] * n_layers, dtype=torch.float64)
+    a = coefficients.double()
+    if a.shape != (n_layers,):
+        raise ValueError(f"coefficients shape {tuple(a.shape)} != ({n_layers},).")
+    if not from_base:
+        return torch.stack([1.0 - a, a], dim=-1)
+    return torch.stack([-a, torch.ones_like(a), a], dim=-1)
+
+
+def layer_groups(n_layers: int, groups: int) -> list[list[int]]:
+    """`groups` contiguous, near-equal groups of layer indices `0..n_layers-1` (fewer when layers are few)."""
+    groups = max(1, min(groups, n_layers))
+    bounds = [round(i * n_layers / groups) for i in range(groups + 1)]
+    return [list(range(bounds[i], bounds[i + 1])) for i in range(groups) if bounds[i] < bounds[i + 1]]
+
+
+def midpoints(grid: list[float], best: float) -> list[float]:
+    """The midpoints between `best` and its neighbours in the sorted `grid`."""
+    values = sorted(set(grid))
+    i = values.index(best)
+    return [(best + values[j]) / 2 for j in (i - 1, i + 1) if 0 <= j < len(values)]
+
+
+# ------------------------------------------------------------------------------------------------- the search
+
+
+class FoldSearch:
+    """A working model moved in place among candidates `D + a_l * delta`, each candidate scored once.
+
+    Args:
+        model: the working model, currently holding D (coefficients all 0).
+        delta: `N - P` per parameter name (parameters where it is zero may be left out).
+        layers: RECALL layer index of every name in `delta`.
+        n_layers: number of layers `L + 1`.
+        fingerprints: every task's fingerprint, by name.
+        weights: objective weight per task (`task_weights`).
+        scorer: `scorer(model, fingerprints) -> {task: TaskScore}` (default `score_tasks`); a caller whose tasks
+            each need their own head (one encoder, one classifier head per task) swaps heads in it.
+    """
+
+    def __init__(self, model, delta: dict[str, torch.Tensor], layers: dict[str, int], n_layers: int,
+                 fingerprints: Mapping[str, Fingerprint], weights: Mapping[str, float], batch_size: int = 8,
+                 scorer: Callable[..., Mapping[str, TaskScore]] | None = None):
+        self.model, self.delta, self.layers = model, delta, layers
+        self.params = dict(model.named_parameters())
+        self.fingerprints, self.weights = fingerprints, weights
+        self.scorer = scorer or (lambda m, fps: score_tasks(m, fps, batch_size))
+        self.a = torch.zeros(n_layers, dtype=torch.float64)
+        self.tried: dict[tuple[float, ...], Candidate] = {}
+        self.candidates: list[Candidate] = []
+
+    @staticmethod
+    def key(a: torch.Tensor) -> tuple[float, ...]:
+        return tuple(round(x, 6) for x in a.tolist())
+
+    @torch.no_grad()
+    def move_to(self, a: torch.Tensor) -> None:
+        """`theta += (a - a_current)_l * delta` for every parameter: one pass, no copy of the model."""
+        step = (a.double() - self.a).tolist()
+        for name, d in self.delta.items():
+            s = step[self.layers[name]]
+            if s != 0.0:
+                self.params[name].add_(d, alpha=s)
+        self.a = a.double().clone()
+
+    def register(self, candidate: Candidate, a: torch.Tensor | None) -> Candidate:
+        """Record a candidate scored elsewhere (the new model as loaded), under its coefficients when it has them."""
+        if a is not None:
+            self.tried.setdefault(self.key(a), candidate)
+        self.candidates.append(candidate)
+        return candidate
+
+    def evaluate(self, name: str, family: str, param: float | None, a: torch.Tensor) -> Candidate:
+        """Score the candidate with coefficients `a` (once: a repeat returns the first result)."""
+        if self.key(a) in self.tried:
+            return self.tried[self.key(a)]
+        self.move_to(a)
+        scores = self.scorer(self.model, self.fingerprints)
+        cand = Candidate(name, family, param, a.tolist(), {t: asdict(s) for t, s in scores.items()},
+                         objective(scores, self.weights))
+        logger.info("Calibrated fold: %s objective %.5f", name, cand.objective)
+        return self.register(cand, a)
+
+
+def _family_search(search: FoldSearch, profile: torch.Tensor | None, config: CalibrationConfig, n: int) -> None:
+    """Both families over their grids, then the midpoints around the best member of either."""
+    top = config.max_coefficient
+    families = {"constant": (sorted({0.0, min(1.0, top), *(min(a, top) for a in config.alphas)}),
+                             lambda v: torch.full((n,), float(v), dtype=torch.float64))}
+    if profile is not None:
+        families["profile"] = (sorted(set(config.scales)), lambda v: profile_coefficients(profile, v, top))
+    results = {}
+    for family, (grid, coefs) in families.items():
+        for v in grid:
+            results[family, v] = search.evaluate(f"{family}:{v:g}", family, v, coefs(v))
+    if config.refine:
+        (family, best), _ = min(results.items(), key=lambda kv: kv[1].objective)
+        grid, coefs = families[family]
+        for v in midpoints(grid, best):
+            search.evaluate(f"{family}:{v:g}", family, v, coefs(v))
+
+
+def _group_search(search: FoldSearch, start: Candidate, config: CalibrationConfig, n: int) -> None:
+    """One pass over contiguous layer groups: move each group's coefficients by +-group_step, keep improvements."""
+    a, best = torch.tensor(start.coefficients, dtype=torch.float64), start.objective
+    for g, group in enumerate(layer_groups(n, config.layer_groups)):
+        for sign in (1.0, -1.0):
+            trial = a.clone()
+            trial[group] = (trial[group] + sign * config.group_step).clamp(0.0, config.max_coefficient)
+            if torch.equal(trial, a):
+                continue
+            cand = search.evaluate(f"group{g}{'+' if sign > 0 else '-'}:{start.name}", "group", None, trial)
+            if cand.objective < best:
+                a, best = trial, cand.objective
+                break
+
+
+def search_fold(
+    search: FoldSearch, profile: torch.Tensor | None, config: CalibrationConfig, n_layers: int
+) -> Candidate:
+    """Run the whole search on a `FoldSearch` (the caller registers the new model's endpoint first); the best."""
+    search.evaluate("keep", "keep", 0.0, torch.zeros(n_layers, dtype=torch.float64))
+    _family_search(search, profile, config, n_layers)
+    if config.layer_groups:
+        start = min((c for c in search.candidates if c.coefficients is not None), key=lambda c: c.objective)
+        _group_search(search, start, config, n_layers)
+    return min(search.candidates, key=lambda c: c.objective)
+
+
+# ------------------------------------------------------------------------------------------------- the edge
+
+
+@dataclass
+class CalibratedFold:
+    """The chosen fold as fusion input: `weights[l, k]` over `inputs` (newest last), and the search's report."""
+
+    inputs: list[Path]
+    weights: torch.Tensor
+    chosen: Candidate
+    report: dict
+
+
+@torch.no_grad()
+def _delta_and_deploy(model, deployed: Path, parent: Path, layer_map: LayerMap):
+    """Turn the working model (holding N) into D, returning `delta = N - P` and each delta's layer.
+
+    Reads D and P one tensor at a time; parameters where N equals P keep no delta.
+    """
+    readers = {deployed: CheckpointReader(deployed)}
+    readers.setdefault(parent, CheckpointReader(parent))
+    delta, layers = {}, {}
+    try:
+        for name, param in model.named_parameters():
+            for reader in readers.values():
+                info = reader.tensors.get(name)
+                if info is None or tuple(info.shape) != tuple(param.shape):
+                    raise ValueError(f"{reader.dir} has no tensor {name!r} of shape {tuple(param.shape)}; the "
+                                     "calibrated fold needs models of one architecture.")
+            p = readers[parent].get(name).to(param.device, torch.float32)
+            d = param.detach().float() - p
+            param.copy_(p if parent == deployed else readers[deployed].get(name))
+            if torch.count_nonzero(d):
+                delta[name], layers[name] = d, layer_map.layer_of(name)
+    finally:
+        for reader in readers.values():
+            reader.close()
+    return delta, layers
+
+
+def _check_profile(profile, n_layers: int) -> torch.Tensor | None:
+    if profile is None:
+        return None
+    t = torch.as_tensor(profile, dtype=torch.float64).flatten()
+    if t.numel() != n_layers or not torch.isfinite(t).all() or (t < 0).any():
+        raise ValueError(f"profile must hold {n_layers} finite weights >= 0 (one per layer 0..L), got {t.tolist()}.")
+    return t
+
+
+def calibrated_fold(
+    deployed: str | Path,
+    new: str | Path,
+    fingerprints: Mapping[str, Fingerprint],
+    new_task: str | None = None,
+    parent: str | Path | None = None,
+    profile: list[float] | torch.Tensor | None = None,
+    layer_map: LayerMap | None = None,
+    config: CalibrationConfig | None = None,
+    weights: Mapping[str, float] | None = None,
+) -> CalibratedFold:
+    """Search the fold of `new` into `deployed` that best keeps every task's fingerprint (module docstring).
+
+    Args:
+        deployed: the deployed model's folder (D).
+        new: the new task model's folder (N).
+        fingerprints: every folded task's fingerprint and the new task's, by task name.
+        new_task: the new task's name (for `CalibrationConfig.new_task_weight`).
+        parent: N's parent (the from-base protocol's base); `None` or D's folder for the chain protocol.
+        profile: RECALL's per-layer weight of the newest model (`MergeReport.newest_weight`); `None` skips the
+            profile family.
+        layer_map: parameter name -> layer (default: from the loaded model).
+        config: the search; defaults to `CalibrationConfig()`.
+        weights: explicit objective weight per task (overrides equal weights and `new_task_weight`).
+
+    Returns:
+        A `CalibratedFold`: pass `[CheckpointReader(d) for d in fold.inputs]` and `fold.weights` to
+        `fusion.fuse_checkpoints` to write the chosen model; `fold.report` lists every candidate with its per-task
+        scores, the chosen one and the time spent.
+    """
+    config, t0 = config or CalibrationConfig(), time.perf_counter()
+    deployed, new = Path(deployed), Path(new)
+    parent = Path(parent) if parent is not None else deployed
+    from_base = parent.resolve() != deployed.resolve()
+    tw = task_weights(list(fingerprints), new_task, config.new_task_weight, weights)
+    model = load_task_model(new, config.device)
+    layer_map = layer_map or LayerMap.from_model(model)
+    n = layer_map.num_layers + 1
+    profile = _check_profile(profile, n)
+    timings = {"load": time.perf_counter() - t0}
+    t = time.perf_counter()
+    scores = score_tasks(model, fingerprints, config.batch_size)
+    new_cand = Candidate("new", "new", None, None if from_base else [1.0] * n,
+                         {k: asdict(s) for k, s in scores.items()}, objective(scores, tw))
+    timings["score_new"] = time.perf_counter() - t
+    t = time.perf_counter()
+    delta, layers = _delta_and_deploy(model, deployed, parent, layer_map)
+    timings["delta"] = time.perf_counter() - t
+    t = time.perf_counter()
+    search = FoldSearch(model, delta, layers, n, fingerprints, tw, config.batch_size)
+    del model, delta  # the search holds the only references: released with it below
+    search.register(new_cand, None if from_base else torch.ones(n, dtype=torch.float64))
+    chosen = search_fold(search, profile, config, n)
+    timings["search"] = time.perf_counter() - t
+    candidates = search.candidates
+    del search
+    timings["total"] = time.perf_counter() - t0
+    inputs = [parent, deployed, new] if from_base else [deployed, new]
+    report = {
+        "protocol": "from-base" if from_base else "chain", "inputs": [str(p) for p in inputs], "new_task": new_task,
+        "task_weights": tw, "profile": None if profile is None else profile.tolist(), "config": asdict(config),
+        "candidates": [asdict(c) for c in candidates], "chosen": asdict(chosen), "timings": timings,
+    }
+    logger.info("Calibrated fold chose %s (objective %.5f) of %d candidates in %.1fs", chosen.name,
+                chosen.objective, len(candidates), timings["total"])
+    coefs = torch.tensor(chosen.coefficients, dtype=torch.float64) if chosen.coefficients is not None else None
+    return CalibratedFold(inputs, merge_weights(coefs, n, from_base), chosen, report)
