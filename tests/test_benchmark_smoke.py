@@ -2,9 +2,9 @@
 
 It checks the pipeline runs and writes its table, results and plots; it asserts no accuracy threshold.
 
-Marked `slow` and kept out of the default suite and CI: the benchmark fetches its models and data from package
-registries (pip, npm) the first time, which a test run must not do. `RECALL_HF_SLOW=1 bash scripts/test.sh` runs it
-as its own step after the main suite.
+Marked `slow` and kept out of a developer's default run: the benchmark fetches its models and data from package
+registries (pip, npm) the first time (cached after). `scripts/test.sh` runs it as its own step after the main suite in
+CI (`CI=true`) or with `RECALL_HF_SLOW=1`.
 """
 
 from __future__ import annotations
