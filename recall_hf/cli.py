@@ -23,8 +23,9 @@ def _config_from(args: argparse.Namespace, only=None) -> RecallConfig:
 
 def _cmd_merge(args: argparse.Namespace) -> int:
     from .merge import recall_merge
+    from .plan import parse_task_counts
 
-    counts = [int(c) for c in args.task_counts.split(",")] if args.task_counts else None
+    counts = parse_task_counts(args.task_counts) if args.task_counts else None
     config = _config_from(args)
     report = recall_merge(args.models, args.probes, args.out, config, task_counts=counts, base=args.base)
     newest = report.newest_weight

@@ -16,6 +16,16 @@ from .safetensors_io import CheckpointReader
 ARCHITECTURE_KEYS = ("model_type", "hidden_size", "vocab_size")
 
 
+def check_distinct_dirs(dirs: list[Path]) -> None:
+    """No folder is given twice, however spelled (`M`, `./M`, `M/`, a symlink to `M`): paths compare resolved."""
+    seen: dict[Path, Path] = {}
+    for d in dirs:
+        real = d.resolve()
+        if real in seen:
+            raise ValueError(f"{d} and {seen[real]} are the same folder ({real}); give each model once.")
+        seen[real] = d
+
+
 def check_same_architecture(configs: list[transformers.PretrainedConfig], dirs: list[Path]) -> None:
     """Every config has the newest (last) one's model type, hidden size, vocabulary and layer count."""
     ref, ref_dir = configs[-1], dirs[-1]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -18,6 +19,14 @@ def dataclass_from_dict(cls, data: dict[str, Any], what: str):
     if unknown:
         raise ValueError(f"Unknown {what} {unknown}; valid {what}: {', '.join(sorted(known))}.")
     return cls(**data)
+
+
+def check_finite(obj) -> None:
+    """Every float field of dataclass `obj` is finite: NaN or Inf in a setting is refused with the field's name."""
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{type(obj).__name__}.{f.name} must be a finite number, got {value}.")
 
 
 @dataclass
@@ -108,6 +117,7 @@ class RecallConfig:
             raise ValueError(f"RecallConfig.k must be >= 1, got {self.k}.")
         if self.max_candidates < self.k:
             raise ValueError(f"RecallConfig.max_candidates ({self.max_candidates}) must be >= k ({self.k}).")
+        check_finite(self)
         if not self.tau > 0:
             raise ValueError(f"RecallConfig.tau must be > 0, got {self.tau}.")
         if self.mode not in MODES:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from .compat import check_distinct_dirs
 from .config import RecallConfig
 from .durable import check_output_dir, staged_dir
 from .modeldir import is_adapter_dir
@@ -29,6 +30,7 @@ def check_inputs(dirs: list[Path], out_dir: Path) -> str:
     for d in dirs:
         if not d.is_dir():
             raise ValueError(f"Model directory {d} does not exist.")
+    check_distinct_dirs(dirs)
     check_output_dir(out_dir)
     adapters = [is_adapter_dir(d) for d in dirs]
     if any(adapters) and not all(adapters):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import stat
 from collections.abc import Collection, Mapping
 from pathlib import Path
 
@@ -90,12 +91,21 @@ def task_count(model_dir: str | Path) -> int:
 
 def copy_aux_files(src: Path, dst: Path, skip: Collection[str] = ()) -> list[str]:
     """Copy config, tokenizer and other non-weight files of `src` into `dst`: not the task-specific recall files
-    (`NOT_COPIED`), hidden files, or the names in `skip`."""
+    (`NOT_COPIED`), hidden files, sub-folders, or the names in `skip`.
+
+    Only regular files are copied, never followed: a symlink, FIFO, socket or device among them is refused with a
+    `ValueError` naming it (RELIABILITY 13), since skipping it would silently drop a tokenizer or config file.
+    """
     copied = []
     for p in sorted(src.iterdir()):
         if p.name in NOT_COPIED or p.name in skip or p.name.startswith("."):
             continue
-        if p.is_file() and not is_weight_file(p.name):
-            shutil.copy2(p, dst / p.name)
-            copied.append(p.name)
+        mode = p.lstat().st_mode
+        if stat.S_ISDIR(mode) or is_weight_file(p.name):
+            continue
+        if not stat.S_ISREG(mode):
+            kind = "a symlink" if stat.S_ISLNK(mode) else "not a regular file"
+            raise ValueError(f"{p} is {kind}; model folders must hold plain files (copy it with `cp -rL` first).")
+        shutil.copy2(p, dst / p.name, follow_symlinks=False)
+        copied.append(p.name)
     return copied

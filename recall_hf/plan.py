@@ -80,11 +80,25 @@ def resolve_probes(probes: str | Path | list[str] | None, newest: Path) -> list[
     return texts
 
 
+def parse_task_counts(text: str) -> list[int]:
+    """`"1,3"` -> `[1, 3]`; anything but comma-separated positive integers is a one-line `ValueError`."""
+    try:
+        counts = [int(c) for c in text.split(",")]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1:
+        raise ValueError(f"--task-counts expects comma-separated positive integers, one per model (e.g. 1,3); "
+                         f"got {text!r}.")
+    return counts
+
+
 def resolve_task_counts(task_counts: list[int] | None, dirs: list[Path]) -> list[int]:
     """Tasks each model carries: as given, else each directory's `recall.json` (1 for a plain model)."""
     counts = list(task_counts) if task_counts is not None else [task_count(d) for d in dirs]
     if len(counts) != len(dirs):
         raise ValueError(f"Got {len(counts)} task counts for {len(dirs)} models.")
+    if any(not isinstance(c, int) or isinstance(c, bool) or c < 0 for c in counts):
+        raise ValueError(f"Task counts must be non-negative integers, one per model; got {counts}.")
     return counts
 
 

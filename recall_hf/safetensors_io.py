@@ -13,7 +13,7 @@ import os
 import struct
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import torch
 
@@ -87,6 +87,18 @@ def read_header(path: Path) -> dict[str, dict]:
     return header
 
 
+def index_shard(model_dir: Path, index: Path, name: object) -> Path:
+    """The shard `name` of `index`: a relative path inside `model_dir`, no `..`, no symlink (RELIABILITY 13)."""
+    rel = PurePosixPath(name) if isinstance(name, str) and name and "\\" not in name else None
+    if rel is None or rel.is_absolute() or ".." in rel.parts:
+        raise ValueError(f"{index} names shard {name!r}, which is not a file name inside {model_dir}; fix the index.")
+    path = model_dir / rel
+    if path.is_symlink() or (path.exists() and not path.resolve().is_relative_to(model_dir.resolve())):
+        raise ValueError(f"{index} names shard {name!r}, a symlink or a path leaving {model_dir}; copy the real file "
+                         "into the model folder.")
+    return path
+
+
 def safetensors_shards(model_dir: Path, stem: str = "model") -> list[Path]:
     """The safetensors files of a model dir, following `<stem>.safetensors.index.json` when present."""
     index = model_dir / f"{stem}{INDEX_SUFFIX}"
@@ -95,7 +107,7 @@ def safetensors_shards(model_dir: Path, stem: str = "model") -> list[Path]:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError) as err:
             raise ValueError(f"{index} is not a valid safetensors index ({err}).") from None
-        files = sorted({model_dir / f for f in weight_map.values()})
+        files = sorted({index_shard(model_dir, index, f) for f in weight_map.values()})
         missing = [f.name for f in files if not f.exists()]
         if missing:
             raise ValueError(f"{index} names missing shard(s) {missing}; the checkpoint is incomplete.")

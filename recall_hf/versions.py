@@ -5,8 +5,8 @@ so the daemon's deploy folder (`versions/vNNNN`, link `current`) can use it too:
 - `versions()` / `next_name()` / `path(name)`: names `v0000`, `v0001`, ... (4+ digits), oldest first;
 - `switch(name)`: a temporary relative symlink renamed over the link (`os.replace`), then the parent fsynced, so a
   reader sees the old or the new target, never a missing link;
-- `prune(keep)`: each removed version is first renamed to a `*.tmp-*` name and only then deleted, so a crash leaves
-  a leftover that `stale()` finds, never a half-deleted version under its real name.
+- `prune(keep, newest)`: never the live version; each removed version is first renamed to a `*.tmp-*` name and only
+  then deleted, so a crash leaves a leftover that `stale()` finds, never a half-deleted version under its real name.
 """
 
 from __future__ import annotations
@@ -82,11 +82,14 @@ class VersionedDir:
         os.replace(tmp, self.link)
         fsync_dir(self.link.parent)
 
-    def prune(self, keep: Collection[str]) -> list[str]:
-        """Delete every version not in `keep`, each renamed to a `*.tmp-*` name first; returns the names removed."""
+    def prune(self, keep: Collection[str] = (), newest: int = 0) -> list[str]:
+        """Delete every version but those in `keep`, the `newest` ones and the live one (`current()`), each renamed
+        to a `*.tmp-*` name first; returns the names removed, oldest first."""
+        versions = self.versions()
+        kept = set(keep) | set(versions[len(versions) - newest:] if newest > 0 else []) | {self.current()}
         removed = []
-        for name in self.versions():
-            if name in keep:
+        for name in versions:
+            if name in kept:
                 continue
             doomed = self.root / f"{name}{TMP_MARK}{os.getpid()}.deleting"
             os.rename(self.root / name, doomed)

@@ -101,3 +101,48 @@ def test_broken_plugin_is_reported_not_dropped(monkeypatch, capsys):
     err = capsys.readouterr().err
     assert "warning: commands 'daemon'" in err and "recall_daemon_missing" in err
     assert "recall-hf daemon: error: the 'daemon' commands" in err
+
+
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    return err
+
+
+@pytest.mark.parametrize("tau", ["nan", "inf", "-inf", "0", "-1"])
+def test_merge_cli_refuses_non_finite_or_non_positive_tau(model_pair, tmp_path, capsys, tau):
+    a, b = model_pair["llama"]
+    rc = main(["merge", str(a), str(b), "--out", str(tmp_path / "o"), f"--tau={tau}"])
+    err = _one_line_error(capsys)
+    assert rc == 2 and "RecallConfig.tau must be" in err and not (tmp_path / "o").exists()
+
+
+def test_recall_config_refuses_non_finite_floats():
+    with pytest.raises(ValueError, match=r"^RecallConfig.tau must be a finite number, got nan\.$"):
+        RecallConfig(tau=float("nan"))
+    with pytest.raises(ValueError, match="tau must be a finite number, got inf"):
+        RecallConfig(tau=float("inf"))
+    assert RecallConfig(tau=1e-3).tau == 1e-3
+
+
+@pytest.mark.parametrize("counts", ["1,x", "1,,2", "1,-1", "0,1", "1.5,1", ","])
+def test_merge_cli_task_counts_says_what_is_expected(model_pair, tmp_path, capsys, counts):
+    a, b = model_pair["llama"]
+    rc = main(["merge", str(a), str(b), "--out", str(tmp_path / "o"), "--task-counts", counts])
+    err = _one_line_error(capsys)
+    assert rc == 2 and "comma-separated positive integers" in err and repr(counts) in err
+    assert "invalid literal" not in err and not (tmp_path / "o").exists()
+
+
+def test_merge_cli_refuses_the_same_folder_twice(model_pair, tmp_path, capsys, monkeypatch):
+    a, b = model_pair["llama"]
+    link = tmp_path / "alias"
+    link.symlink_to(a, target_is_directory=True)
+    monkeypatch.chdir(a.parent)
+    spellings = [[str(a), str(a)], [str(a), f"./{a.name}/"], [str(a), str(b), str(link)],
+                 [f"{a.parent}/../{a.parent.name}/{a.name}", a.name]]
+    for models in spellings:
+        rc = main(["merge", *models, "--out", str(tmp_path / "o")])
+        err = _one_line_error(capsys)
+        assert rc == 2 and "are the same folder" in err and "give each model once" in err, models
+        assert not (tmp_path / "o").exists()

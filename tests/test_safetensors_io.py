@@ -79,3 +79,42 @@ def test_index_naming_missing_shard_is_refused(tmp_path):
     first.unlink()
     with pytest.raises(ValueError, match="missing shard"):
         CheckpointReader(tmp_path)
+
+
+def _point_index_at(model_dir, shard_name):
+    """Rewrite the index so its first tensor lives in `shard_name`."""
+    path = model_dir / "model.safetensors.index.json"
+    index = json.loads(path.read_text())
+    first = sorted(index["weight_map"])[0]
+    index["weight_map"][first] = shard_name
+    path.write_text(json.dumps(index))
+
+
+@pytest.mark.parametrize("name", ["../outside.safetensors", "/etc/passwd", "sub/../../x.safetensors", "", 7])
+def test_index_shard_outside_the_folder_is_refused(tmp_path, name):
+    model = tmp_path / "model"
+    model.mkdir()
+    write_stream(model, tensors(), 40)
+    _point_index_at(model, name)
+    with pytest.raises(ValueError, match="not a file name inside") as err:
+        CheckpointReader(model)
+    assert repr(name) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_index_shard_symlink_is_refused_not_followed(tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    write_stream(model, tensors(), 40)
+    shard = sorted(model.glob("model-*.safetensors"))[0]
+    outside = tmp_path / "elsewhere.safetensors"
+    shard.rename(outside)
+    shard.symlink_to(outside)
+    with pytest.raises(ValueError, match="a symlink or a path leaving") as err:
+        CheckpointReader(model)
+    assert shard.name in str(err.value)
+    # A sub-folder that is a symlink out of the model folder is refused too.
+    shard.unlink()
+    (model / "sub").symlink_to(tmp_path)
+    _point_index_at(model, "sub/elsewhere.safetensors")
+    with pytest.raises(ValueError, match="a symlink or a path leaving"):
+        CheckpointReader(model)

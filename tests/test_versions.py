@@ -67,3 +67,12 @@ def test_prune_renames_before_deleting(tmp_path, monkeypatch):
         vd.prune(keep={names[-1]})
     # The version's real name is gone at once; what is left is a `*.tmp-*` leftover, never a half version.
     assert older not in vd.versions() and [p.name.split(".")[0] for p in vd.stale()] == [older]
+
+
+def test_prune_keeps_the_newest_and_never_the_live_version(tmp_path):
+    vd = make(tmp_path)
+    names = [add(vd) for _ in range(6)]  # v0000..v0005
+    vd.switch(names[1])
+    assert vd.prune(keep={names[0]}, newest=2) == [names[2], names[3]]
+    assert vd.versions() == [names[0], names[1], names[4], names[5]] and vd.current() == names[1]
+    assert vd.prune() == [names[0], names[4], names[5]] and vd.versions() == [names[1]]

@@ -30,6 +30,7 @@ from pathlib import Path, PurePosixPath
 
 from recall_hf.durable import fsync_dir, write_json
 from recall_hf.modeldir import READY
+from recall_hf.versions import TMP_MARK
 
 from .validation import DropRejected
 
@@ -40,7 +41,6 @@ CODE_KEYS = ("auto_map", "custom_pipelines")
 JSON_LIMIT = 64 << 20  # a config or index bigger than this is not a config
 MAX_FILES = 100_000
 CHUNK = 1 << 22
-TMP_MARK = ".tmp-"
 META_SUFFIX = ".json"
 # Longest drop name used verbatim in quarantine/ and ingested/ (bytes); longer names are shortened + hashed.
 NAME_BYTES = 160

@@ -20,32 +20,25 @@ import fcntl
 import json
 import logging
 import os
-import re
 import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from recall_hf.durable import fsync_dir, write_json
-from recall_hf.modeldir import is_adapter_dir
+from recall_hf.durable import write_json
+from recall_hf.modeldir import ADAPTER_STEM, is_adapter_dir
 from recall_hf.safetensors_io import CheckpointReader
+from recall_hf.versions import TMP_MARK, VERSION_RE, VersionedDir, version_number
 
 from .journal import Journal
 from .ledger import Ledger, Result, now_iso
 
 logger = logging.getLogger(__name__)
 
-VERSION_RE = re.compile(r"^v(\d{4,})$")
+__all__ = ["TMP_MARK", "VERSION_RE", "DeployStore", "version_number"]
+
 VERSION_INFO = "version.json"
 REASON_NAME = "REASON.json"
-TMP_MARK = ".tmp-"
-
-
-def version_number(name: str) -> int:
-    m = VERSION_RE.match(name)
-    if not m:
-        raise ValueError(f"{name!r} is not a version name; versions are named v0000, v0001, ...")
-    return int(m.group(1))
 
 
 def dir_size(path: Path) -> int:
@@ -82,26 +75,23 @@ class DeployStore:
         self.metrics_path = self.root / "metrics.prom"
         self.lock_path = self.root / "daemon.lock"
         self.publish_lock_path = self.root / "publish.lock"
+        # v0000 is the base; `current` is a relative link, so the deploy folder can move.
+        self.vdir = VersionedDir(self.versions_dir, self.current_link, first=0)
 
     def ensure_layout(self) -> None:
         for d in (self.root, self.versions_dir, self.quarantine_dir, self.incoming_dir):
             d.mkdir(parents=True, exist_ok=True)
 
-    # -- versions ---------------------------------------------------------------------------------------------------
+    # -- versions (recall_hf.versions.VersionedDir) ------------------------------------------------------------------
     def versions(self) -> list[str]:
         """Published version names, oldest first."""
-        if not self.versions_dir.is_dir():
-            return []
-        names = [p.name for p in self.versions_dir.iterdir() if p.is_dir() and VERSION_RE.match(p.name)]
-        return sorted(names, key=version_number)
+        return self.vdir.versions()
 
     def version_dir(self, name: str) -> Path:
-        version_number(name)
-        return self.versions_dir / name
+        return self.vdir.path(name)
 
     def next_version(self) -> str:
-        versions = self.versions()
-        return f"v{version_number(versions[-1]) + 1:04d}" if versions else "v0000"
+        return self.vdir.next_name()
 
     def version_info(self, name: str) -> dict:
         path = self.version_dir(name) / VERSION_INFO
@@ -116,7 +106,7 @@ class DeployStore:
         if not path.is_dir():
             raise ValueError(f"{path} does not exist.")
         if is_adapter_dir(path):
-            CheckpointReader(path, stem="adapter_model")
+            CheckpointReader(path, stem=ADAPTER_STEM)
         elif (path / "config.json").is_file():
             CheckpointReader(path)
         else:
@@ -133,14 +123,7 @@ class DeployStore:
     # -- current ----------------------------------------------------------------------------------------------------
     def current(self) -> str | None:
         """The version `current` points to, or None when the link is missing, dangling or not a version."""
-        try:
-            target = os.readlink(self.current_link)
-        except OSError:
-            return None
-        name = Path(target).name
-        if not VERSION_RE.match(name) or Path(target).parent.name != "versions":
-            return None
-        return name if self.version_dir(name).is_dir() else None
+        return self.vdir.current()
 
     def resolve_current(self) -> str | None:
         """The live version; a missing, dangling or broken `current` degrades to the newest good version."""
@@ -156,14 +139,8 @@ class DeployStore:
         return None
 
     def switch_current(self, name: str) -> None:
-        """Point `current` at `versions/<name>` atomically (a relative link, so the folder can move)."""
-        self.version_dir(name)
-        tmp = self.root / f".current{TMP_MARK}{os.getpid()}"
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        os.symlink(os.path.join("versions", name), tmp)
-        os.replace(tmp, self.current_link)
-        fsync_dir(self.root)
+        """Point `current` at `versions/<name>` atomically (temp symlink + `os.replace` + fsync)."""
+        self.vdir.switch(name)
 
     def parent_of(self, name: str) -> str | None:
         """The version `name` was merged from (its predecessor), from its `version.json`."""
@@ -201,20 +178,10 @@ class DeployStore:
 
     def prune(self, keep: int) -> list[str]:
         """Delete versions beyond the newest `keep`, never the live one, its predecessor or v0000 (the base)."""
-        versions = self.versions()
-        keep_set = set(versions[-keep:]) | self.protected()
-        removed = []
-        for name in versions:
-            if name in keep_set:
-                continue
-            path = self.version_dir(name)
-            # Rename first: a crash mid-delete must leave a `*.tmp-*` leftover, never a half version.
-            doomed = path.with_name(f"{name}{TMP_MARK}{os.getpid()}.deleting")
-            os.rename(path, doomed)
-            fsync_dir(self.versions_dir)
-            shutil.rmtree(doomed)
-            removed.append(name)
-            logger.info("Pruned version %s (keeping %s)", name, ", ".join(sorted(keep_set)))
+        protected = self.protected()
+        removed = self.vdir.prune(protected, newest=keep)
+        for name in removed:
+            logger.info("Pruned version %s (keeping the newest %d and %s)", name, keep, ", ".join(sorted(protected)))
         return removed
 
     # -- status -----------------------------------------------------------------------------------------------------

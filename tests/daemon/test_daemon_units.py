@@ -158,3 +158,28 @@ def test_layout_check_refuses_without_following(tmp_path):
     (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": "/etc/passwd"}}))
     with pytest.raises(DropRejected, match="leaves the drop"):
         check_contents(d, scan_layout(d))
+
+
+def test_deploy_store_versions_are_a_library_versioned_dir(tmp_path, monkeypatch):
+    """The deploy folder's versions, `current` and pruning are `recall_hf.versions.VersionedDir`: one implementation.
+    A crash mid-prune leaves a `*.tmp-*` leftover that `remove_stale` clears; the live version is never pruned."""
+    import shutil
+
+    from recall_hf.versions import VersionedDir
+
+    store = DeployStore(tmp_path / "deploy")
+    assert isinstance(store.vdir, VersionedDir) and store.next_version() == "v0000"
+    for _ in range(5):
+        store.version_dir(store.next_version()).mkdir(parents=True)
+    store.switch_current("v0002")
+    assert os.readlink(store.current_link) == os.path.join("versions", "v0002")
+    assert store.prune(keep=1) == ["v0001", "v0003"] and store.versions() == ["v0000", "v0002", "v0004"]
+
+    monkeypatch.setattr(shutil, "rmtree", lambda *a, **k: (_ for _ in ()).throw(OSError("crash mid-delete")))
+    store.switch_current("v0004")
+    with pytest.raises(OSError, match="crash mid-delete"):
+        store.prune(keep=1)
+    assert store.versions() == ["v0000", "v0004"] and [p.name[:5] for p in store.stale_paths()] == ["v0002"]
+    monkeypatch.undo()
+    store.remove_stale()
+    assert store.stale_paths() == [] and store.current() == "v0004"

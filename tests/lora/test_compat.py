@@ -55,8 +55,9 @@ def test_missing_base_refused_and_base_override(bases, llama_adapters, tmp_path)
         moved.append(d)
     with pytest.raises(ValueError, match="no base_model_name_or_path; pass the base"):
         merge(moved, tmp_path / "out")
+    twin = shutil.copytree(moved[0], tmp_path / "a2")  # the same folder twice is refused before the base check
     with pytest.raises(ValueError, match="not a local directory.*--base"):
-        merge([moved[0], moved[0]], tmp_path / "out")
+        merge([moved[0], twin], tmp_path / "out")
     assert not (tmp_path / "out").exists()
     report = recall_merge(moved, TEXTS, tmp_path / "out", RecallConfig(**CONFIG), base=bases["llama"], progress=False)
     cfg = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
