@@ -93,19 +93,24 @@ def copy_aux_files(src: Path, dst: Path, skip: Collection[str] = ()) -> list[str
     """Copy config, tokenizer and other non-weight files of `src` into `dst`: not the task-specific recall files
     (`NOT_COPIED`), hidden files, sub-folders, or the names in `skip`.
 
-    Only regular files are copied, never followed: a symlink, FIFO, socket or device among them is refused with a
-    `ValueError` naming it (RELIABILITY 13), since skipping it would silently drop a tokenizer or config file.
+    Only the contents of regular files are copied, as regular files: a symlink to a regular file is copied by
+    content (a Hugging Face cache snapshot is made of such links), a dangling link, FIFO, socket or device is refused
+    with a `ValueError` naming it, since skipping it would silently drop a tokenizer or config file and opening a FIFO
+    could hang. Drops reach this only after the daemon refused every link in them (RELIABILITY 13).
     """
     copied = []
     for p in sorted(src.iterdir()):
         if p.name in NOT_COPIED or p.name in skip or p.name.startswith("."):
             continue
-        mode = p.lstat().st_mode
+        try:
+            mode = p.stat().st_mode  # the link's target, for a link
+        except OSError:
+            raise ValueError(f"{p} is a dangling link; model folders must hold plain files.") from None
         if stat.S_ISDIR(mode) or is_weight_file(p.name):
             continue
         if not stat.S_ISREG(mode):
-            kind = "a symlink" if stat.S_ISLNK(mode) else "not a regular file"
-            raise ValueError(f"{p} is {kind}; model folders must hold plain files (copy it with `cp -rL` first).")
-        shutil.copy2(p, dst / p.name, follow_symlinks=False)
+            raise ValueError(f"{p} is not a regular file (FIFO, socket or device); model folders must hold plain "
+                             "files.")
+        shutil.copyfile(p, dst / p.name)  # contents only: never a link, never the source's mode bits
         copied.append(p.name)
     return copied

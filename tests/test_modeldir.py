@@ -1,4 +1,4 @@
-"""`recall_hf.modeldir.copy_aux_files`: plain files only, never following a link (RELIABILITY 13)."""
+"""`recall_hf.modeldir.copy_aux_files`: contents of regular files only; links copied by content, never as links."""
 
 from __future__ import annotations
 
@@ -28,21 +28,21 @@ def test_copies_plain_non_weight_files_only(tmp_path):
     assert sorted(p.name for p in dst.iterdir()) == ["config.json", "tokenizer.json"]
 
 
-def test_symlinked_file_is_refused_and_not_read(tmp_path):
+def test_link_to_a_regular_file_is_copied_by_content_not_as_a_link(tmp_path):
+    # A Hugging Face cache snapshot is a folder of links into blobs/: merging a Hub id must work.
     src, dst = model_dir(tmp_path)
-    secret = tmp_path / "secret.txt"
-    secret.write_text("do not copy")
-    (src / "special_tokens_map.json").symlink_to(secret)
-    with pytest.raises(ValueError, match="special_tokens_map.json is a symlink") as err:
-        copy_aux_files(src, dst)
-    assert "\n" not in str(err.value)
-    assert not any("do not copy" in p.read_text() for p in dst.iterdir())
+    blob = tmp_path / "blob"
+    blob.write_text('{"pad": 0}')
+    (src / "special_tokens_map.json").symlink_to(blob)
+    assert "special_tokens_map.json" in copy_aux_files(src, dst)
+    out = dst / "special_tokens_map.json"
+    assert not out.is_symlink() and out.read_text() == '{"pad": 0}'
 
 
 def test_dangling_symlink_and_fifo_are_refused(tmp_path):
     src, dst = model_dir(tmp_path)
     (src / "vocab.txt").symlink_to(tmp_path / "missing")
-    with pytest.raises(ValueError, match="vocab.txt is a symlink"):
+    with pytest.raises(ValueError, match="vocab.txt is a dangling link"):
         copy_aux_files(src, dst)
     (src / "vocab.txt").unlink()
     os.mkfifo(src / "merges.txt")
