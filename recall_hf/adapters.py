@@ -28,6 +28,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from . import __version__
+from .card import write_fold_card
 from .checkpoint import (
     ADAPTER_CONFIG,
     NOT_COPIED,
@@ -43,7 +44,9 @@ from .checkpoint import (
 )
 from .config import RecallConfig
 from .fusion import fuse_tensor
+from .hub import hub_id_of, resolve_model
 from .layers import LayerMap
+from .lineage import resolve_base
 from .representations import load_tokenizer, pooled_hidden_states, quiet_transformers
 from .safetensors_io import DTYPES, CheckpointReader
 
@@ -611,7 +614,8 @@ def recall_merge_adapters(
         save_file(tensors, str(stage / f"{ADAPTER_STEM}.safetensors"), metadata={"format": "pt"})
         copy_aux_files(dirs[-1], stage)
         # Written after the copy: the newest adapter's config must not survive in the output.
-        out_config = merged_adapter_config(adapters[-1].config, ranks, modules_to_save, base_name)
+        base_id = hub_id_of(base_name) or base_name  # a Hub id, not a cache path, when the base came from the Hub
+        out_config = merged_adapter_config(adapters[-1].config, ranks, modules_to_save, base_id)
         write_json(stage / ADAPTER_CONFIG, out_config)
         timings["write"] = time.perf_counter() - t
         timings["total"] = time.perf_counter() - t0
@@ -634,7 +638,8 @@ def fold_adapter(adapter_dir: str | Path, out_dir: str | Path, base: str | Path 
     """
     from peft import PeftModel
 
-    adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
+    adapter_dir, out_dir = resolve_model(adapter_dir), Path(out_dir)
+    base = resolve_base(base, [adapter_dir])
     check_output_dir(out_dir)
     adapter = load_adapter(adapter_dir)
     base_name = resolve_base_dir(check_adapters([adapter], base))
@@ -656,9 +661,11 @@ def fold_adapter(adapter_dir: str | Path, out_dir: str | Path, base: str | Path 
                 shutil.copy2(p, stage / p.name)
         with quiet_transformers():
             model.save_pretrained(stage, safe_serialization=True)
+        tasks = write_fold_card(stage, adapter_dir, base_name)
         write_json(stage / RECALL_JSON, {
             "kind": "recall-fold-adapter",
             "task_count": count,
+            "tasks": tasks,
             "parents": [str(adapter_dir)],
             "base_model": base_name,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

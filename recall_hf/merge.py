@@ -13,6 +13,7 @@ import torch
 import transformers
 
 from . import __version__
+from .card import write_merge_card
 from .checkpoint import (
     PLOT_NAME,
     RECALL_JSON,
@@ -28,7 +29,10 @@ from .checkpoint import (
 )
 from .config import RecallConfig
 from .fusion import check_compatible, fuse_checkpoints
+from .hub import resolve_models
 from .layers import LayerMap, num_hidden_layers
+from .lineage import resolve_base
+from .privacy import publishable_report
 from .representations import load_tokenizer, model_representations
 from .safetensors_io import CheckpointReader
 from .samples import SAMPLES_NAME, read_texts, select_typical_samples
@@ -171,13 +175,11 @@ def recall_merge(
         The `MergeReport`, also saved as `recall_report.json` with a plot `recall_weights.png`.
     """
     config = config or RecallConfig()
-    dirs = [Path(m) for m in models]
     out_dir = Path(out_dir)
-    if len(dirs) < 2:
-        raise ValueError(f"RECALL merges at least two models, got {len(dirs)}.")
-    for d in dirs:
-        if not d.is_dir():
-            raise ValueError(f"Model directory {d} does not exist.")
+    if len(models) < 2:
+        raise ValueError(f"RECALL merges at least two models, got {len(models)}.")
+    dirs = resolve_models(models)  # local folders or Hub ids; a trainer's output_dir points to its checkpoint
+    base = resolve_base(base, dirs)  # checked against the parent hashes the inputs recorded
     check_output_dir(out_dir)
     adapters = [is_adapter_dir(d) for d in dirs]
     if any(adapters):
@@ -289,13 +291,15 @@ def recall_merge(
 
 def write_outputs(stage: Path, report: MergeReport) -> None:
     """The report, the plot and the output's `recall.json` (task count and provenance)."""
-    write_json(stage / REPORT_NAME, report.to_dict())
+    write_json(stage / REPORT_NAME, publishable_report(report.to_dict(), stage))  # probe texts kept private
     plot_report(report, stage / PLOT_NAME)
+    prov = write_merge_card(stage, report)  # README.md for the Hub: tasks, base model, config, per-layer weights
     write_json(
         stage / RECALL_JSON,
         {
             "kind": f"recall-merge-{report.kind}",
             "task_count": report.output_task_count,
+            **prov,
             "parents": report.models,
             "created": report.created,
             "library_version": report.library_version,
