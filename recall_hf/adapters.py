@@ -44,7 +44,7 @@ from .checkpoint import (
 )
 from .config import RecallConfig
 from .fusion import fuse_tensor
-from .hub import hub_id_of, resolve_model
+from .hub import hub_id_of, input_labels, resolve_model
 from .layers import LayerMap
 from .lineage import resolve_base
 from .representations import load_tokenizer, pooled_hidden_states, quiet_transformers
@@ -537,10 +537,10 @@ def recall_merge_adapters(
 
         t = time.perf_counter()
         reps = []
-        for name, d in zip(names, dirs):
+        for name, label in zip(names, input_labels(dirs)):  # distinct even when two inputs share a folder name
             model.set_adapter(name)
             reps.append(pooled_hidden_states(model, tokenizer, texts, config.batch_size, config.max_length,
-                                             progress=progress, desc=f"Representations {d.name}"))
+                                             progress=progress, desc=f"Representations {label}"))
         timings["representations"] = time.perf_counter() - t
     finally:
         del model

@@ -14,7 +14,7 @@ from pathlib import Path
 import yaml
 
 from .checkpoint import ADAPTER_CONFIG, read_recall_json
-from .hub import hub_id_of
+from .hub import hub_id_of, input_labels
 from .privacy import PRIVATE_DIR
 
 CARD_NAME = "README.md"
@@ -144,7 +144,7 @@ def provenance(dirs: list[Path], out_dir: Path | None = None) -> dict:
 
 def merge_card_info(report, prov: dict) -> CardInfo:
     """Card contents of a `recall_merge` output from its `MergeReport`."""
-    labels = [f"{k}: {Path(m).name}" for k, m in enumerate(report.models)]
+    labels = [f"{k}: {name}" for k, name in enumerate(input_labels(report.models))]
     what = "LoRA adapters" if report.kind == "adapter" else "models"
     summary = (f"{len(report.models)} {what} merged layer by layer with [RECALL]({PAPER}) (recall-hf "
                f"{report.library_version}); carries {report.output_task_count} task(s). The last input is the "

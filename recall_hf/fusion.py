@@ -9,7 +9,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .layers import LayerMap
-from .safetensors_io import DTYPE_NAMES, DTYPES, CheckpointReader, StreamingWriter
+from .safetensors_io import DTYPE_NAMES, DTYPES, FLOAT8, CheckpointReader, StreamingWriter
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +62,8 @@ def fuse_tensor(
 
 
 def check_compatible(readers: list[CheckpointReader]) -> None:
-    """Every model must hold the same tensor names with the same shapes (dtypes may differ)."""
+    """Every model must hold the same tensor names with the same shapes (dtypes may differ), none float8."""
+    check_not_float8(readers)
     ref = readers[-1]
     for r in readers[:-1]:
         missing, extra = set(ref.tensors) - set(r.tensors), set(r.tensors) - set(ref.tensors)
@@ -78,6 +79,15 @@ def check_compatible(readers: list[CheckpointReader]) -> None:
                     f"Tensor {name!r} is {r.tensors[name].shape} in {r.dir} but {info.shape} in "
                     f"{ref.dir}; the architectures differ."
                 )
+
+
+def check_not_float8(readers: list[CheckpointReader]) -> None:
+    """Float8 weights are quantized: each comes with scales, and averaging values and scales apart is wrong."""
+    for r in readers:
+        found = sorted({i.dtype for i in r.tensors.values() if i.dtype in FLOAT8})
+        if found:
+            raise ValueError(f"{r.dir} holds float8 tensors ({', '.join(found)}): quantized weights cannot be merged "
+                             "exactly; merge the bfloat16/float16 models and quantize the result.")
 
 
 def output_dtypes(reader: CheckpointReader, dtype: str | None) -> dict[str, str]:

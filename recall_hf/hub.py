@@ -123,3 +123,16 @@ def cached_blob_sha256(path: Path) -> str | None:
         if _SHA256.match(name) and "blobs" in path.resolve().parts:
             return name
     return None
+
+
+def input_labels(paths: list[str | Path]) -> list[str]:
+    """Short distinct names for inputs (progress bars, plots): the Hub id of a cache snapshot, else the folder name,
+    with as many parent folders as it takes to tell inputs apart (two `_recall_checkpoint` folders)."""
+    full = [hub_id_of(p) if hub_id_of(p) and Path(p).exists() else None for p in paths]
+    parts = [Path(p).absolute().parts for p in paths]
+    depth = 1
+    while True:
+        labels = [f or str(Path(*ps[-depth:])) for f, ps in zip(full, parts)]
+        if len(set(labels)) == len(labels) or depth >= max(len(ps) for ps in parts):
+            return labels
+        depth += 1

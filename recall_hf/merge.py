@@ -29,7 +29,7 @@ from .checkpoint import (
 )
 from .config import RecallConfig
 from .fusion import check_compatible, fuse_checkpoints
-from .hub import resolve_models
+from .hub import input_labels, resolve_models
 from .layers import LayerMap, num_hidden_layers
 from .lineage import resolve_base
 from .privacy import publishable_report
@@ -231,9 +231,10 @@ def recall_merge(
     t = time.perf_counter()
     reps = [
         model_representations(
-            d, texts, tokenizer, config.batch_size, config.max_length, config.device, config.device_map, progress
+            d, texts, tokenizer, config.batch_size, config.max_length, config.device, config.device_map, progress,
+            desc=f"Representations {label}",
         )
-        for d in dirs
+        for d, label in zip(dirs, input_labels(dirs))  # distinct even when two inputs share a folder name
     ]
     timings["representations"] = time.perf_counter() - t
     for d, r in zip(dirs, reps):

@@ -21,7 +21,7 @@ from peft import LoraConfig, get_peft_model
 from recall_hf import RecallConfig, recall_merge
 from recall_hf.adapters import fold_adapter
 from recall_hf.card import CARD_NAME
-from recall_hf.hub import hub_id_of, looks_like_hub_id, resolve_model
+from recall_hf.hub import hub_id_of, input_labels, looks_like_hub_id, resolve_model
 from recall_hf.lineage import check_base
 from recall_hf.task_checkpoint import write_task_checkpoint
 from recall_hf.tiny import build_tiny_model
@@ -165,3 +165,10 @@ def test_trainer_output_dir_points_to_its_task_checkpoint(bases, tmp_path):
     shutil.copytree(task, output_dir / "_recall_checkpoint")
     with pytest.raises(ValueError, match=rf"the task checkpoint is in {output_dir / '_recall_checkpoint'}"):
         recall_merge([task, output_dir], None, tmp_path / "out", progress=False)
+
+
+def test_input_labels_tell_apart_inputs_with_one_folder_name(tmp_path):
+    snapshot = put_in_cache(tmp_path / "hub", "org/model", tmp_path / "hub")
+    a, b = tmp_path / "run_a" / "_recall_checkpoint", tmp_path / "run_b" / "_recall_checkpoint"
+    assert input_labels([a, b, snapshot]) == ["run_a/_recall_checkpoint", "run_b/_recall_checkpoint", "org/model"]
+    assert input_labels([tmp_path / "x", tmp_path / "y"]) == ["x", "y"]
