@@ -34,6 +34,9 @@ DTYPES: dict[str, torch.dtype] = {
     "U8": torch.uint8,
     "BOOL": torch.bool,
 }
+# float8 (FP8 releases, quantized checkpoints): readable where this torch has the dtype. Never fused (fusion.py).
+FLOAT8 = {"F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "F8_E8M0": "float8_e8m0fnu"}
+DTYPES.update({name: getattr(torch, attr) for name, attr in FLOAT8.items() if hasattr(torch, attr)})
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
 

@@ -79,3 +79,20 @@ def test_index_naming_missing_shard_is_refused(tmp_path):
     first.unlink()
     with pytest.raises(ValueError, match="missing shard"):
         CheckpointReader(tmp_path)
+
+
+@pytest.mark.skipif(not hasattr(torch, "float8_e4m3fn"), reason="this torch has no float8")
+def test_float8_tensors_are_read_but_never_fused(tmp_path):
+    from recall_hf.compat import check_compatible
+
+    w = (torch.randn(4, 8) * 2).to(torch.float8_e4m3fn)
+    scale = torch.tensor([0.5])
+    tensors = {"w": w, "w_scale": scale, "b": torch.randn(3).to(torch.float8_e5m2)}
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    reader = CheckpointReader(tmp_path)
+    assert reader.tensors["w"].dtype == "F8_E4M3" and reader.tensors["w"].nbytes == 32
+    for name, t in tensors.items():
+        got = reader.get(name)
+        assert got.dtype == t.dtype and torch.equal(got.view(torch.uint8), t.view(torch.uint8))
+    with pytest.raises(ValueError, match=r"holds float8 tensors \(F8_E4M3, F8_E5M2\): quantized"):
+        check_compatible([reader, CheckpointReader(tmp_path)])
