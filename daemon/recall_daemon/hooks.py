@@ -216,6 +216,21 @@ class Notifier:
         """Stop retrying (on SIGTERM): pending backoff waits end at once; a running attempt finishes on its own."""
         self._stop.set()
 
+    def finish(self, timeout: float) -> bool:
+        """Wait at most `timeout` seconds for the running hooks (a `--once` run, a rollback), then stop retrying;
+        True when all finished in time."""
+        done = self.wait(timeout)
+        if not done:
+            logger.warning("Serving hooks still running after %.0fs; no more retries (see the log for each hook).",
+                           timeout)
+            self.close()
+        return done
+
+    def failures(self) -> list[dict]:
+        """Outcomes that did not end in success (failed or still running is not listed; see `finish`)."""
+        with self._lock:
+            return [o for o in self.outcomes if o["result"] == "failed"]
+
 
 NOTIFIER = Notifier()
 

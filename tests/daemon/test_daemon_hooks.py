@@ -13,6 +13,8 @@ import pytest
 
 from recall_daemon.hooks import Notifier, notify_published
 
+pytest_plugins = ["daemon_fixtures"]
+
 
 class FakeServer:
     """Records every POST; answers `fail` times with 500 first (per path), then 200; `delay` seconds per answer."""
@@ -132,3 +134,90 @@ def test_a_newer_version_stops_retries_of_an_older_one(tmp_path):
 
 def test_no_hooks_configured_is_a_no_op(tmp_path):
     assert notify_published(SimpleNamespace(), version(tmp_path, 1, adapter=True), 1) == []
+
+
+# ---- Wired into the daemon: config, CLI, publisher, rollback -------------------------------------------------------
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("vllm_url", "127.0.0.1:8000", "vllm_url must be an http"), ("reload_url", "ftp://x", "reload_url must be"),
+    ("on_publish", "  ", "on_publish must be a shell command"), ("vllm_lora_name", "", "vllm_lora_name must be"),
+    ("hook_retries", -1, "hook_retries must be an integer >= 0"), ("hook_retries", 1.5, "hook_retries must be"),
+    ("hook_backoff", 0.0, "hook_backoff must be a finite"), ("hook_timeout", float("inf"), "hook_timeout must be"),
+])
+def test_hook_settings_are_validated(tmp_path, field, value, match):
+    from recall_daemon.config import DaemonConfig, hook_config
+
+    with pytest.raises(ValueError, match=match):
+        DaemonConfig(drop_dir=str(tmp_path / "d"), deploy_dir=str(tmp_path / "p"), **{field: value})
+    with pytest.raises(ValueError, match=match):
+        hook_config({field: value, "drop_dir": "ignored"})
+
+
+def test_hook_flags_reach_the_daemon_config(tmp_path):
+    from recall_daemon.cli import build_config, build_parser
+
+    args = build_parser().parse_args(["daemon", "--drop", str(tmp_path / "d"), "--deploy", str(tmp_path / "p"),
+                                      "--on-publish", "true", "--vllm-url", "http://127.0.0.1:8000",
+                                      "--vllm-lora-name", "movies", "--reload-url", "https://example.org/r"])
+    config = build_config(args)
+    assert (config.on_publish, config.vllm_url, config.vllm_lora_name, config.reload_url) == (
+        "true", "http://127.0.0.1:8000", "movies", "https://example.org/r")
+    assert (config.hook_retries, config.hook_backoff, config.hook_timeout) == (5, 2.0, 60.0)
+    default = build_config(build_parser().parse_args(["daemon", "--drop", "d", "--deploy", "p"]))
+    assert default.vllm_lora_name == "recall" and default.on_publish is None
+
+
+def test_a_real_daemon_once_announces_v0000_each_version_and_a_rollback(tmp_path, tiny_base):
+    from daemon_helpers import Deployment
+
+    from recall_daemon import cli
+
+    dep = Deployment(tmp_path, tiny_base)
+    seen = tmp_path / "published.txt"
+    hook = f'echo "$RECALL_VERSION $RECALL_KIND $RECALL_VERSION_DIR" >> {seen}'
+    done = dep.run_subprocess("--base", str(tiny_base), "--on-publish", hook)
+    assert done.returncode == 0, done.stderr
+    dep.add("alpha", seed=1)
+    done = dep.run_subprocess("--on-publish", hook)  # the process waits (bounded) for its hooks before it exits
+    assert done.returncode == 0, done.stderr
+    versions = dep.store.versions_dir
+    assert seen.read_text().splitlines() == [f"v0000 full {versions / 'v0000'}", f"v0001 full {versions / 'v0001'}"]
+    hooks = json.loads(dep.store.status_path.read_text())["hooks"]
+    assert [(h["hook"], h["version"], h["result"]) for h in hooks] == [("on-publish", "v0001", "ok")]
+    assert cli.main(["rollback", "--deploy", str(dep.deploy), "--on-publish", hook]) == 0
+    assert dep.store.current() == "v0000" and seen.read_text().splitlines()[-1].startswith("v0000 ")
+
+
+def test_rollback_reads_the_hooks_from_the_daemon_config_and_warns_when_one_fails(tmp_path, tiny_base, capsys):
+    from daemon_helpers import Deployment
+
+    from recall_daemon import cli
+
+    dep = Deployment(tmp_path, tiny_base)
+    assert dep.run_once() == 0
+    dep.add("alpha", seed=1)
+    assert dep.run_once() == 0
+    failing = FakeServer(fail=100)
+    toml = tmp_path / "daemon.toml"
+    toml.write_text(f'drop_dir = "{dep.drop}"\ndeploy_dir = "{dep.deploy}"\nreload_url = "{failing.url}/reload"\n'
+                    "hook_retries = 1\nhook_backoff = 0.05\nhook_timeout = 5.0\n")
+    assert cli.main(["rollback", "--deploy", str(dep.deploy), "--config", str(toml)]) == 0
+    err = capsys.readouterr().err
+    assert dep.store.current() == "v0000" and "serving hook reload-url failed for v0000" in err
+    assert [b["version"] for _, b in failing.requests] == ["v0000", "v0000"]  # first attempt + 1 retry
+    failing.httpd.shutdown()
+
+
+def test_an_adapter_deployment_loads_each_new_version_into_vllm(tmp_path, tiny_base, server):
+    from daemon_helpers import Deployment, make_adapter_drop
+
+    make_adapter_drop(tmp_path, "initial", tiny_base, seed=0, ready=False)
+    dep = Deployment(tmp_path, tmp_path / "initial")
+    assert dep.run_once(vllm_url=server.url, vllm_lora_name="movies", hook_backoff=0.05) == 0
+    make_adapter_drop(dep.drop, "lora-a", tiny_base, seed=1)
+    assert dep.run_once(vllm_url=server.url, vllm_lora_name="movies", hook_backoff=0.05) == 0
+    loads = [body for path, body in server.requests if path == "/v1/load_lora_adapter"]
+    versions = dep.store.versions_dir
+    assert loads == [{"lora_name": "movies", "lora_path": str((versions / v).absolute())} for v in ("v0000", "v0001")]
+    assert server.paths() == ["/v1/unload_lora_adapter", "/v1/load_lora_adapter"] * 2
