@@ -114,7 +114,6 @@ def test_fingerprints_are_private_in_a_version_and_in_the_first_fold(model_pair,
         read_fingerprints,
         write_fingerprints,
     )
-
     from recall_hf.models import load_tokenizer
 
     assert FINGERPRINTS_DIR.startswith(f"{PRIVATE_DIR}/")
