@@ -185,7 +185,7 @@ def test_5_drops_with_custom_code_are_refused_and_no_load_trusts_remote_code(dep
 
         def spy(klass, *a, _real=real, **k):
             caller = sys._getframe(1).f_globals.get("__name__", "")
-            if caller.startswith("recall_daemon"):
+            if caller.startswith(("recall_daemon", "recall_hf")):  # loading lives in recall_hf.models
                 calls.append((caller, k.get("trust_remote_code", "unset")))
             return _real(klass, *a, **k)
 
