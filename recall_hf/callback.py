@@ -5,7 +5,7 @@ Works with any `transformers.Trainer` (TRL's `SFTTrainer` included), for full fi
 ```python
 trainer = Trainer(model, args, train_dataset=ds, processing_class=tok,
                   callbacks=[RecallCallback(drop_dir="/srv/recall/drop")])
-trainer.train()  # -> /srv/recall/drop/<task>-<timestamp>/ with READY, and <output_dir>/recall_checkpoint/
+trainer.train()  # -> /srv/recall/drop/<task>-<timestamp>/ with READY, and <output_dir>/_recall_checkpoint/
 ```
 
 Where the callback gets what it needs at `on_train_end`:
@@ -35,9 +35,12 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from .card import publish_task_checkpoint
 from .config import RecallConfig
 from .durable import fsync_dir
 from .modeldir import READY, is_adapter_dir, read_recall_json
+from .preflight import check_before_training, train_inputs
+from .privacy import TASK_CHECKPOINT_SUBDIR
 from .samples import select_typical_samples
 from .task_checkpoint import staged_task_dir, unique_drop_path, write_task_checkpoint
 from .versions import VersionedDir
@@ -233,6 +236,7 @@ def fold_into(merge_into: str | Path, checkpoint: str | Path, config: RecallConf
     if current is None:
         with staged_task_dir(new) as stage:
             _link_or_copy_tree(checkpoint, stage, skip={READY})
+            publish_task_checkpoint(stage)  # samples to _recall_private/, a model card
         (new / READY).unlink()  # a model version, not a drop
         report = None
     else:
@@ -310,8 +314,9 @@ class RecallCallback(TrainerCallback):
             Task name for `recall.json`; defaults to `args.run_name`, else the name of `args.output_dir`.
         merge_into (`str`, *optional*):
             A rolling merged model (a symlink `fold_into` maintains) to fold the checkpoint into right away.
-        output_subdir (`str`, *optional*, defaults to `"recall_checkpoint"`):
-            Also write the checkpoint to `<args.output_dir>/<output_subdir>` (replacing an earlier one).
+        output_subdir (`str`, *optional*, defaults to `"_recall_checkpoint"`):
+            Also write the checkpoint to `<args.output_dir>/<output_subdir>` (replacing an earlier one). The leading
+            `_` keeps it (and its typical samples, training text) out of `Trainer.push_to_hub` uploads.
         save_to_output_dir (`bool`, *optional*, defaults to `True`):
             Whether to write that copy. The two copies share files via hard links when possible.
         text_field (`str`, *optional*):
@@ -335,7 +340,7 @@ class RecallCallback(TrainerCallback):
         config: RecallConfig | None = None,
         task_name: str | None = None,
         merge_into: str | Path | None = None,
-        output_subdir: str = "recall_checkpoint",
+        output_subdir: str = TASK_CHECKPOINT_SUBDIR,
         save_to_output_dir: bool = True,
         text_field: str | None = None,
         parent: str | Path | None = None,
@@ -376,10 +381,10 @@ class RecallCallback(TrainerCallback):
             out = self._output_checkpoint_dir(args)
             if out is not None and out.exists() and read_recall_json(out).get("kind") != "task-checkpoint":
                 raise ValueError(f"{out} exists and is not a RECALL task checkpoint; choose another output_subdir.")
-            if self.drop_dir is not None:
-                self.drop_dir.mkdir(parents=True, exist_ok=True)
             if self.merge_into is not None:
                 check_merge_into(self.merge_into)
+            # Texts, tokenizer, writable destinations (drop folder, output_dir even with save_strategy="no").
+            check_before_training(self, args, *train_inputs(self._found_trainer, kwargs))
 
     def on_train_end(self, args, state, control, model=None, processing_class=None, train_dataloader=None, **kwargs):
         trainer = self.trainer or self._found_trainer or find_trainer()

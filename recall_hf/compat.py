@@ -11,7 +11,7 @@ from pathlib import Path
 import transformers
 
 from .layers import LayerMap, num_hidden_layers
-from .safetensors_io import CheckpointReader
+from .safetensors_io import FLOAT8, CheckpointReader
 
 ARCHITECTURE_KEYS = ("model_type", "hidden_size", "vocab_size")
 
@@ -41,7 +41,8 @@ def check_same_architecture(configs: list[transformers.PretrainedConfig], dirs: 
 
 
 def check_compatible(readers: list[CheckpointReader]) -> None:
-    """Every model must hold the same tensor names with the same shapes (dtypes may differ)."""
+    """Every model must hold the same tensor names with the same shapes (dtypes may differ), none float8."""
+    check_not_float8(readers)
     ref = readers[-1]
     for r in readers[:-1]:
         missing, extra = set(ref.tensors) - set(r.tensors), set(r.tensors) - set(ref.tensors)
@@ -57,6 +58,15 @@ def check_compatible(readers: list[CheckpointReader]) -> None:
                     f"Tensor {name!r} is {r.tensors[name].shape} in {r.dir} but {info.shape} in "
                     f"{ref.dir}; the architectures differ."
                 )
+
+
+def check_not_float8(readers: list[CheckpointReader]) -> None:
+    """Float8 weights are quantized: each comes with scales, and averaging values and scales apart is wrong."""
+    for r in readers:
+        found = sorted({i.dtype for i in r.tensors.values() if i.dtype in FLOAT8})
+        if found:
+            raise ValueError(f"{r.dir} holds float8 tensors ({', '.join(found)}): quantized weights cannot be merged "
+                             "exactly; merge the bfloat16/float16 models and quantize the result.")
 
 
 def check_layers_mapped(layer_map: LayerMap, reader: CheckpointReader) -> None:

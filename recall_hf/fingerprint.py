@@ -32,11 +32,10 @@ from pathlib import Path
 
 import torch
 
+from .modeldir import FINGERPRINT_NAME, FINGERPRINTS_DIR  # noqa: F401 - file names, re-exported here
+
 logger = logging.getLogger(__name__)
 
-FINGERPRINT_NAME = "recall_fingerprint.safetensors"
-# A merged model (a version) carries one file per task folded into it.
-FINGERPRINTS_DIR = "recall_fingerprints"
 FORMAT = "recall-fingerprint"
 FORMAT_VERSION = "1"
 KINDS = ("lm", "classifier", "representation")
@@ -224,9 +223,9 @@ def _file_stem(task: str) -> str:
 
 
 def write_fingerprints(model_dir: str | Path, fingerprints: Mapping[str, Fingerprint]) -> list[Path]:
-    """Write a version's fingerprints, one file per task, under `model_dir/recall_fingerprints/`."""
+    """Write a version's fingerprints, one file per task, under `model_dir/_recall_private/fingerprints/`."""
     folder = Path(model_dir) / FINGERPRINTS_DIR
-    folder.mkdir(exist_ok=True)
+    folder.mkdir(parents=True, exist_ok=True)
     return [save_fingerprint(fp, folder / f"{_file_stem(task)}.safetensors") for task, fp in fingerprints.items()]
 
 

@@ -10,6 +10,7 @@ import torch
 from .compat import check_compatible, check_layers_mapped, check_same_architecture
 from .config import RecallConfig
 from .fusion import fuse_checkpoints
+from .hub import input_labels
 from .layers import LayerMap
 from .modeldir import copy_aux_files
 from .models import load_config, load_tokenizer
@@ -74,8 +75,8 @@ class FullMerge:
     def representations(self, texts: list[str], config: RecallConfig, progress: bool) -> list[torch.Tensor]:
         return [
             model_representations(d, texts, self.tokenizer, config.batch_size, config.max_length, config.device,
-                                  config.device_map, progress)
-            for d in self.dirs
+                                  config.device_map, progress, desc=f"Representations {label}")
+            for d, label in zip(self.dirs, input_labels(self.dirs))  # distinct even when two share a folder name
         ]
 
     def write(self, stage: Path, coefficients: torch.Tensor, task_counts: list[int], progress: bool) -> dict:

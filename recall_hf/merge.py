@@ -16,6 +16,8 @@ import torch
 from .compat import check_distinct_dirs
 from .config import RecallConfig
 from .durable import check_output_dir, staged_dir
+from .hub import resolve_models
+from .lineage import resolve_base
 from .modeldir import is_adapter_dir
 from .plan import MergePlan, MergeStrategy, build_plan
 from .report import MergeReport, write_outputs
@@ -56,8 +58,9 @@ def prepare_merge(
 ) -> MergePlan:
     """Validate the inputs and compute everything before fusion (arguments as `recall_merge`); writes nothing."""
     config = config or RecallConfig()
-    dirs, out_dir = [Path(m) for m in models], Path(out_dir)
     t0 = time.perf_counter()
+    dirs, out_dir = resolve_models(models), Path(out_dir)  # local folders or Hub ids; an output_dir -> its checkpoint
+    base = resolve_base(base, dirs)  # checked against the parent hashes the inputs recorded
     strategy = open_strategy(check_inputs(dirs, out_dir), dirs, base, config)
     validate = time.perf_counter() - t0
     try:

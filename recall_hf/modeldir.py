@@ -9,6 +9,8 @@ import stat
 from collections.abc import Collection, Mapping
 from pathlib import Path
 
+from .privacy import PRIVATE_DIR
+
 RECALL_JSON = "recall.json"
 READY = "READY"
 REPORT_NAME = "recall_report.json"
@@ -19,7 +21,11 @@ ADAPTER_STEM = "adapter_model"
 # Files that describe one merge or one task, never carried over into a merge's output.
 NOT_COPIED = {RECALL_JSON, READY, REPORT_NAME, PLOT_NAME, "recall_samples.jsonl", "README.md"}
 # A task's fingerprint (SPEC 2.7) describes that task's model, not a merge output: never carried over as is.
-NOT_COPIED |= {"recall_fingerprint.safetensors"}
+FINGERPRINT_NAME = "recall_fingerprint.safetensors"
+NOT_COPIED |= {FINGERPRINT_NAME}
+# A version carries one fingerprint per task folded into it. Fingerprints hold the token ids of typical samples
+# (training text), so they live in the private folder: never in a card, a report or an upload.
+FINGERPRINTS_DIR = f"{PRIVATE_DIR}/fingerprints"
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:

@@ -8,8 +8,10 @@ from pathlib import Path
 import torch
 
 from . import __version__
+from .card import write_merge_card
 from .durable import write_json
 from .modeldir import PLOT_NAME, RECALL_JSON, REPORT_NAME, weight_hashes
+from .privacy import publishable_report
 
 
 @dataclass
@@ -71,13 +73,15 @@ def plot_report(report: MergeReport, path: Path) -> None:
 
 def write_outputs(stage: Path, report: MergeReport) -> None:
     """The report, the plot and the output's `recall.json` (task count and provenance)."""
-    write_json(stage / REPORT_NAME, report.to_dict())
+    write_json(stage / REPORT_NAME, publishable_report(report.to_dict(), stage))  # probe texts kept private
     plot_report(report, stage / PLOT_NAME)
+    prov = write_merge_card(stage, report)  # README.md for the Hub: tasks, base model, config, per-layer weights
     write_json(
         stage / RECALL_JSON,
         {
             "kind": f"recall-merge-{report.kind}",
             "task_count": report.output_task_count,
+            **prov,
             "parents": report.models,
             "created": report.created,
             "library_version": report.library_version,

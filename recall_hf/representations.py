@@ -68,6 +68,7 @@ def model_representations(
     device: str = "cpu",
     device_map: str | None = None,
     progress: bool = True,
+    desc: str | None = None,
 ) -> torch.Tensor:
     """Load one model, compute `[L+1, n, hidden]` representations, and free it before the next model loads."""
     model = load_backbone(model_dir, device, device_map)
@@ -79,7 +80,7 @@ def model_representations(
             batch_size,
             max_length,
             progress=progress,
-            desc=f"Representations {Path(model_dir).name}",
+            desc=desc or f"Representations {Path(model_dir).name}",
         )
     finally:
         del model

@@ -34,6 +34,9 @@ DTYPES: dict[str, torch.dtype] = {
     "U8": torch.uint8,
     "BOOL": torch.bool,
 }
+# float8 (FP8 releases, quantized checkpoints): readable where this torch has the dtype. Never fused (fusion.py).
+FLOAT8 = {"F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "F8_E8M0": "float8_e8m0fnu"}
+DTYPES.update({name: getattr(torch, attr) for name, attr in FLOAT8.items() if hasattr(torch, attr)})
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
 
@@ -88,12 +91,16 @@ def read_header(path: Path) -> dict[str, dict]:
 
 
 def index_shard(model_dir: Path, index: Path, name: object) -> Path:
-    """The shard `name` of `index`: a relative path inside `model_dir`, no `..`, no symlink (RELIABILITY 13)."""
+    """The shard `name` of `index`: a relative path inside `model_dir`, no `..`, no linked folder on the way.
+
+    The shard file itself may be a link to a regular file (a Hugging Face cache snapshot is made of links into its
+    blobs); daemon drops never hold links at all (RELIABILITY 13: the daemon refuses them before any read)."""
     rel = PurePosixPath(name) if isinstance(name, str) and name and "\\" not in name else None
     if rel is None or rel.is_absolute() or ".." in rel.parts:
         raise ValueError(f"{index} names shard {name!r}, which is not a file name inside {model_dir}; fix the index.")
     path = model_dir / rel
-    if path.is_symlink() or (path.exists() and not path.resolve().is_relative_to(model_dir.resolve())):
+    folders = [model_dir.joinpath(*rel.parts[: i + 1]) for i in range(len(rel.parts) - 1)]
+    if any(f.is_symlink() for f in folders) or (path.is_symlink() and not path.is_file()):
         raise ValueError(f"{index} names shard {name!r}, a symlink or a path leaving {model_dir}; copy the real file "
                          "into the model folder.")
     return path

@@ -14,6 +14,7 @@ from transformers import Trainer, TrainingArguments
 
 from .callback import RecallCallback, check_merge_into
 from .config import RecallConfig
+from .privacy import TASK_CHECKPOINT_SUBDIR
 from .report import MergeReport
 
 logger = logging.getLogger(__name__)
@@ -51,7 +52,7 @@ class RecallTrainingArguments(TrainingArguments):
             Rolling merged model to fold the task checkpoint into right away (see `RecallCallback`).
         recall_task_name (`str`, *optional*):
             Task name for `recall.json`; defaults to `run_name`, else the name of `output_dir`.
-        recall_output_subdir (`str`, *optional*, defaults to `"recall_checkpoint"`):
+        recall_output_subdir (`str`, *optional*, defaults to `"_recall_checkpoint"`):
             Folder inside `output_dir` that also receives the task checkpoint.
         recall_save_to_output_dir (`bool`, *optional*, defaults to `True`):
             Whether to write the task checkpoint into `output_dir/recall_output_subdir`.
@@ -66,7 +67,7 @@ class RecallTrainingArguments(TrainingArguments):
     recall_task_name: str | None = field(
         default=None, metadata={"help": "Task name for recall.json (default: run_name, else output_dir's name)."})
     recall_output_subdir: str = field(
-        default="recall_checkpoint", metadata={"help": "Folder inside output_dir that receives the checkpoint."})
+        default=TASK_CHECKPOINT_SUBDIR, metadata={"help": "Folder inside output_dir that receives the checkpoint."})
     recall_save_to_output_dir: bool = field(
         default=True, metadata={"help": "Write the task checkpoint into output_dir/recall_output_subdir."})
     recall_text_field: str | None = field(

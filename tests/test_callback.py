@@ -99,7 +99,7 @@ def trained(base_dir, tmp_path_factory):
 
 def test_callback_writes_complete_checkpoint(trained, base_dir):
     root, callback, trainer = trained
-    assert callback.checkpoint_dir == root / "out" / "recall_checkpoint"
+    assert callback.checkpoint_dir == root / "out" / "_recall_checkpoint"
     drops = [p for p in (root / "drop").iterdir()]
     assert drops == [callback.drop_path] and callback.drop_path.name.startswith("movies-")
     for ckpt in (callback.checkpoint_dir, callback.drop_path):
@@ -212,7 +212,7 @@ def test_lora_callback_writes_adapter_checkpoint(base_dir, tmp_path):
                               progress=False)
     make_trainer(base_dir, tmp_path / "lora_out", callback, model=model).train()
     assert callback.checkpoint_dir == callback.drop_path and callback.drop_path.parent == tmp_path / "drop"
-    assert not (tmp_path / "lora_out" / "recall_checkpoint").exists()
+    assert not (tmp_path / "lora_out" / "_recall_checkpoint").exists()
     meta = check_complete(callback.drop_path, kind="adapter")
     assert meta["base"] == str(base_dir.resolve())
     assert not any(n.startswith("model") for n in os.listdir(callback.drop_path))
@@ -291,8 +291,8 @@ def test_lora_merge_into_two_adapters(base_dir, tmp_path):
         model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir), lora)
         callback = RecallCallback(merge_into=merged, config=RecallConfig(k=3), task_name=name, progress=False)
         make_trainer(base_dir, out, callback, texts=texts, model=model).train()
-        check_complete(out / "recall_checkpoint", kind="adapter")
-        assert json.loads((out / "recall_checkpoint" / RECALL_JSON).read_text())["task"] == name
+        check_complete(out / "_recall_checkpoint", kind="adapter")
+        assert json.loads((out / "_recall_checkpoint" / RECALL_JSON).read_text())["task"] == name
     assert (merged / "adapter_config.json").is_file() and merged.resolve().name == "v0002"
     assert json.loads((merged / RECALL_JSON).read_text())["task_count"] == 2
     assert not [p for p in out.iterdir() if p.name.startswith(".")]

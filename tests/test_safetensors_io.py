@@ -101,20 +101,40 @@ def test_index_shard_outside_the_folder_is_refused(tmp_path, name):
     assert repr(name) in str(err.value) and "\n" not in str(err.value)
 
 
-def test_index_shard_symlink_is_refused_not_followed(tmp_path):
+def test_index_shard_in_a_linked_folder_is_refused_a_linked_file_is_read(tmp_path):
     model = tmp_path / "model"
     model.mkdir()
     write_stream(model, tensors(), 40)
+    expected = CheckpointReader(model).get(sorted(CheckpointReader(model).tensors)[0]).clone()
+    # A shard that is a link to a regular file (how a Hugging Face cache snapshot stores it) is read by content.
     shard = sorted(model.glob("model-*.safetensors"))[0]
-    outside = tmp_path / "elsewhere.safetensors"
-    shard.rename(outside)
-    shard.symlink_to(outside)
-    with pytest.raises(ValueError, match="a symlink or a path leaving") as err:
-        CheckpointReader(model)
-    assert shard.name in str(err.value)
-    # A sub-folder that is a symlink out of the model folder is refused too.
-    shard.unlink()
-    (model / "sub").symlink_to(tmp_path)
-    _point_index_at(model, "sub/elsewhere.safetensors")
+    blob = tmp_path / "blob"
+    shard.rename(blob)
+    shard.symlink_to(blob)
+    assert torch.equal(CheckpointReader(model).get(sorted(CheckpointReader(model).tensors)[0]), expected)
+    # A dangling link, or a sub-folder that is a link out of the model folder, is refused.
+    blob.rename(tmp_path / "gone")
     with pytest.raises(ValueError, match="a symlink or a path leaving"):
         CheckpointReader(model)
+    shard.unlink()
+    (model / "sub").symlink_to(tmp_path)
+    _point_index_at(model, "sub/gone")
+    with pytest.raises(ValueError, match="a symlink or a path leaving"):
+        CheckpointReader(model)
+
+
+@pytest.mark.skipif(not hasattr(torch, "float8_e4m3fn"), reason="this torch has no float8")
+def test_float8_tensors_are_read_but_never_fused(tmp_path):
+    from recall_hf.compat import check_compatible
+
+    w = (torch.randn(4, 8) * 2).to(torch.float8_e4m3fn)
+    scale = torch.tensor([0.5])
+    tensors = {"w": w, "w_scale": scale, "b": torch.randn(3).to(torch.float8_e5m2)}
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    reader = CheckpointReader(tmp_path)
+    assert reader.tensors["w"].dtype == "F8_E4M3" and reader.tensors["w"].nbytes == 32
+    for name, t in tensors.items():
+        got = reader.get(name)
+        assert got.dtype == t.dtype and torch.equal(got.view(torch.uint8), t.view(torch.uint8))
+    with pytest.raises(ValueError, match=r"holds float8 tensors \(F8_E4M3, F8_E5M2\): quantized"):
+        check_compatible([reader, CheckpointReader(tmp_path)])

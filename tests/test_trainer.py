@@ -173,7 +173,7 @@ def test_run_task_sequence(base_dir, tmp_path):
     assert steps[0].report is None and steps[1].report is not None
     assert steps[1].merged == (tmp_path / "work" / "merged").resolve()
     assert_merged_by_report(steps[1].merged, [s.checkpoint for s in steps])
-    assert steps[0].checkpoint == tmp_path / "work" / "01-movies" / "recall_checkpoint"
+    assert steps[0].checkpoint == tmp_path / "work" / "01-movies" / "_recall_checkpoint"
     assert not (tmp_path / "unused").exists()
 
 

@@ -57,12 +57,29 @@ def _add_daemon_args(p: argparse.ArgumentParser) -> None:
                    help="seconds before retrying a drop deferred for disk space (default 300)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                    help="daemon log level (default INFO)")
+    _add_hook_args(p)
     g = p.add_argument_group("RECALL merge settings (also the [recall] table of --config)")
     add_dataclass_args(g, RecallConfig, RECALL_KEYS, unset_defaults=True)
 
 
+def _add_hook_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("serving hooks, run in the background after a version goes live (retried with backoff; "
+                             "hook_retries, hook_backoff and hook_timeout in --config)")
+    g.add_argument("--on-publish", dest="on_publish", metavar="CMD", default=None,
+                   help="shell command with RECALL_VERSION, RECALL_VERSION_NUMBER, RECALL_VERSION_DIR, "
+                   "RECALL_DEPLOY_DIR, RECALL_CURRENT and RECALL_KIND in its environment")
+    g.add_argument("--vllm-url", dest="vllm_url", metavar="URL", default=None,
+                   help="vLLM server (http://HOST:PORT) that unloads and reloads the adapter of each new version "
+                   "(adapter deployments; it needs VLLM_ALLOW_RUNTIME_LORA_UPDATING=True)")
+    g.add_argument("--vllm-lora-name", dest="vllm_lora_name", metavar="NAME", default=None,
+                   help="name the adapter is served under in vLLM (default recall)")
+    g.add_argument("--reload-url", dest="reload_url", metavar="URL", default=None,
+                   help='URL that gets POST {"version", "number", "path", "kind"} after a version goes live')
+
+
+HOOK_KEYS = ("on_publish", "vllm_url", "vllm_lora_name", "reload_url")
 DAEMON_KEYS = ("drop_dir", "deploy_dir", "base", "poll", "quiet_period", "keep", "metrics_port", "metrics_addr",
-               "probes", "polling_observer", "events", "after_ingest", "retry_after")
+               "probes", "polling_observer", "events", "after_ingest", "retry_after") + HOOK_KEYS
 
 
 def build_config(args: argparse.Namespace):
@@ -169,9 +186,34 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
+    from .config import hook_config, read_toml
+
+    flags = {k: getattr(args, k) for k in HOOK_KEYS if getattr(args, k) is not None}
+    hooks = hook_config({**(read_toml(args.config) if args.config else {}), **flags})  # checked before anything moves
     store = _open_store(args.deploy)
     before, after = store.rollback(args.to)
     print(f"current: {before or 'missing'} -> {after} ({store.current_link} -> {store.current_link.resolve()})")
+    return notify_rollback(hooks, store, after)
+
+
+def notify_rollback(hooks, store: DeployStore, version: str) -> int:
+    """Run the serving hooks for the version live again and wait for them, at most `hook_timeout` seconds."""
+    from recall_hf.versions import version_number
+
+    from .hooks import Notifier, notify_published
+
+    notifier = Notifier()
+    if not notify_published(hooks, store.version_dir(version), version_number(version), store.root, notifier):
+        return 0
+    finished = notifier.finish(hooks.hook_timeout)
+    failed = notifier.failures()
+    for o in failed:
+        print(f"warning: serving hook {o['hook']} failed for {version}: {o['error']}", file=sys.stderr)
+    if not finished:
+        print(f"warning: serving hooks still running after {hooks.hook_timeout:.0f}s; the server may still serve "
+              "the version rolled back from.", file=sys.stderr)
+    elif not failed:
+        print(f"serving hooks: {version} announced")
     return 0
 
 
@@ -197,6 +239,9 @@ def add_daemon_commands(subparsers) -> None:
                               "live version. Drops already in the ledger are not merged again if re-dropped.")
     r.add_argument("--deploy", required=True, help="the deploy folder")
     r.add_argument("--to", default=None, help="version name, e.g. v0003 (default: the live version's predecessor)")
+    r.add_argument("--config", default=None, help="the daemon's TOML settings: its serving hooks run for the version "
+                   "live again (flags below override it)")
+    _add_hook_args(r)
     r.set_defaults(func=cmd_rollback)
 
 

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from recall_hf.config import RecallConfig, dataclass_from_dict
 
 AFTER_INGEST = ("delete", "move")
+HOOK_FIELDS = ("on_publish", "vllm_url", "vllm_lora_name", "reload_url", "hook_retries", "hook_backoff",
+               "hook_timeout")
 
 
 @dataclass
@@ -49,6 +52,21 @@ class DaemonConfig:
             Free space needed before staging, as a multiple of the live version's size.
         validate_samples (`int`, *optional*, defaults to `8`):
             Typical samples run through the merged model before it may go live.
+        on_publish (`str`, *optional*, defaults to `None`):
+            Shell command run (in the background, retried) after a version goes live; the version is in its
+            environment (`RECALL_VERSION`, `RECALL_VERSION_DIR`, ... see `recall_daemon.hooks`).
+        vllm_url (`str`, *optional*, defaults to `None`):
+            vLLM OpenAI server (`http://HOST:PORT`) that gets each new adapter version loaded at runtime.
+        vllm_lora_name (`str`, *optional*, defaults to `"recall"`):
+            Name the adapter is served under in vLLM (clients ask for this model name).
+        reload_url (`str`, *optional*, defaults to `None`):
+            URL that gets `POST {"version", "number", "path", "kind"}` after a version goes live.
+        hook_retries (`int`, *optional*, defaults to `5`):
+            Retries of a failed hook (after the first attempt), with exponential backoff.
+        hook_backoff (`float`, *optional*, defaults to `2.0`):
+            Seconds before a hook's first retry; doubled for each further retry.
+        hook_timeout (`float`, *optional*, defaults to `60.0`):
+            Seconds one hook attempt (command or HTTP request) may take.
         recall (`RecallConfig`, *optional*):
             RECALL merge settings (TOML table `[recall]`); the daemon always merges in `continual` mode.
     """
@@ -68,6 +86,13 @@ class DaemonConfig:
     retry_after: float = field(default=300.0, metadata={"help": "Seconds before retrying a drop deferred for space."})
     space_factor: float = field(default=1.2, metadata={"help": "Free space needed, times the live version's size."})
     validate_samples: int = field(default=8, metadata={"help": "Samples run through a merged model first."})
+    on_publish: str | None = field(default=None, metadata={"help": "Shell command run after a version goes live."})
+    vllm_url: str | None = field(default=None, metadata={"help": "vLLM server that loads each new adapter version."})
+    vllm_lora_name: str = field(default="recall", metadata={"help": "Name of the adapter served by vLLM."})
+    reload_url: str | None = field(default=None, metadata={"help": "URL POSTed to after a version goes live."})
+    hook_retries: int = field(default=5, metadata={"help": "Retries of a failed hook, with backoff."})
+    hook_backoff: float = field(default=2.0, metadata={"help": "Seconds before a hook's first retry (doubling)."})
+    hook_timeout: float = field(default=60.0, metadata={"help": "Seconds one hook attempt may take."})
     recall: RecallConfig = field(default_factory=RecallConfig, metadata={"help": "RECALL merge settings."})
 
     def __post_init__(self) -> None:
@@ -98,6 +123,7 @@ class DaemonConfig:
             raise ValueError(f"space_factor must be >= 1.0, got {self.space_factor}.")
         if self.validate_samples < 1:
             raise ValueError(f"validate_samples must be >= 1, got {self.validate_samples}.")
+        check_hook_settings(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> DaemonConfig:
@@ -112,6 +138,35 @@ class DaemonConfig:
         data.update({k: v for k, v in overrides.items() if v is not None})
         data["recall"] = recall
         return cls.from_dict(data)
+
+
+def check_hook_settings(config: DaemonConfig) -> None:
+    """The serving-hook fields (`recall_daemon.hooks`): http(s) URLs, a command, a name, sane retry numbers."""
+    for name in ("vllm_url", "reload_url"):
+        url = getattr(config, name)
+        if url is not None and not (isinstance(url, str) and url.startswith(("http://", "https://"))):
+            raise ValueError(f"{name} must be an http:// or https:// URL, got {url!r}.")
+    if config.on_publish is not None and not (isinstance(config.on_publish, str) and config.on_publish.strip()):
+        raise ValueError(f"on_publish must be a shell command, got {config.on_publish!r}.")
+    if not (isinstance(config.vllm_lora_name, str) and config.vllm_lora_name.strip()):
+        raise ValueError(f"vllm_lora_name must be a non-empty name, got {config.vllm_lora_name!r}.")
+    if isinstance(config.hook_retries, bool) or not isinstance(config.hook_retries, int) or config.hook_retries < 0:
+        raise ValueError(f"hook_retries must be an integer >= 0, got {config.hook_retries!r}.")
+    for name in ("hook_backoff", "hook_timeout"):
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+            raise ValueError(f"{name} must be a finite number of seconds > 0, got {value!r}.")
+
+
+def hook_config(values: dict[str, Any]) -> SimpleNamespace:
+    """Only the serving-hook settings (`recall-hf rollback`): the `HOOK_FIELDS` of `values` over `DaemonConfig`'s
+    defaults, validated; other keys (a daemon's whole TOML file) are ignored."""
+    config = SimpleNamespace(**{f.name: f.default for f in fields(DaemonConfig) if f.name in HOOK_FIELDS})
+    for key in HOOK_FIELDS:
+        if values.get(key) is not None:
+            setattr(config, key, values[key])
+    check_hook_settings(config)
+    return config
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:

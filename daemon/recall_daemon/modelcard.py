@@ -1,4 +1,5 @@
-"""Each version's `version.json` (lineage, machine-readable) and model card `README.md` (the same, for people).
+"""Each version's `version.json` (lineage, machine-readable) and Hub model card `README.md` (`recall_hf.card`:
+YAML metadata `ModelCard.load` parses, and the same lineage for people).
 
 Both are cumulative: a version lists every task folded in since the base, with its content hash, when it was
 folded, and a summary of the per-layer weight the new task got in that merge.
@@ -6,9 +7,13 @@ folded, and a summary of the per-layer weight the new task got in that merge.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+from recall_hf.card import PAPER, CardInfo, input_base, write_card
+from recall_hf.card import render_card as render
 from recall_hf.durable import write_json
+from recall_hf.modeldir import ADAPTER_CONFIG, REPORT_NAME, read_recall_json
 
 from .store import VERSION_INFO
 
@@ -25,37 +30,49 @@ def version_info(version: str, parent: str | None, created: str, task_count: int
             "source": source, "tasks": tasks}
 
 
-def render_card(info: dict) -> str:
+def history_table(tasks: list[dict]) -> str:
+    """One row per task folded in: content hash, when, into which version, the new task's weight per layer."""
     lines = [
-        f"# recall-hf deployed model {info['version']}",
-        "",
-        f"Published {info['created']} by recall-daemon; "
-        + (f"merged from {info['parent']} with RECALL (arXiv 2510.20479)." if info.get("parent")
-           else f"the base model ({info.get('source') or 'unknown source'})."),
-        "",
-        f"Tasks folded in so far: {len(info['tasks'])}. Every version is immutable; `DEPLOY/current` points at the "
-        "live one and `recall-hf rollback` flips it back.",
-        "",
+        "| # | task | content hash | folded | version | new task's weight (min / mean / max) | per layer |",
+        "|---|------|--------------|--------|---------|--------------------------------------|-----------|",
     ]
-    if info["tasks"]:
-        lines += [
-            "| # | task | content hash | folded | version | new task's weight (min / mean / max) | per layer |",
-            "|---|------|--------------|--------|---------|--------------------------------------|-----------|",
-        ]
-        for i, t in enumerate(info["tasks"], 1):
-            w = t.get("weights") or {}
-            per_layer = " ".join(f"{x:.2f}" for x in w.get("per_layer", []))
-            summary = f"{w['min']:.2f} / {w['mean']:.2f} / {w['max']:.2f}" if w else "-"
-            lines.append(f"| {i} | {t['task']} | `{t['hash'][:16]}` | {t['time']} | {t['version']} | {summary} | "
-                         f"{per_layer} |")
-        lines += ["", "Weights: the share the new task's model got at each layer (0 = embeddings) when it was "
-                  "folded in; the rest went to the deployed model of that time. Details per merge: "
-                  "`recall_report.json`, `recall_weights.png`."]
-    else:
-        lines.append("No task folded in yet.")
-    return "\n".join(lines) + "\n"
+    for i, t in enumerate(tasks, 1):
+        w = t.get("weights") or {}
+        per_layer = " ".join(f"{x:.2f}" for x in w.get("per_layer", []))
+        summary = f"{w['min']:.2f} / {w['mean']:.2f} / {w['max']:.2f}" if w else "-"
+        lines.append(f"| {i} | {t['task']} | `{t['hash'][:16]}` | {t['time']} | {t['version']} | {summary} | "
+                     f"{per_layer} |")
+    lines += ["", "Weights: the share the new task's model got at each layer (0 = embeddings) when it was folded in; "
+              "the rest went to the deployed model of that time."]
+    return "\n".join(lines)
+
+
+def card_info(info: dict, stage: Path | None = None) -> CardInfo:
+    """The Hub card of a version: its tasks and lineage, plus the last merge's config and weights when present."""
+    report = read_json(stage / REPORT_NAME) if stage is not None else {}
+    meta = read_recall_json(stage) if stage is not None else {}
+    summary = (f"Published {info['created']} by recall-daemon; "
+               + (f"merged from {info['parent']} with [RECALL]({PAPER})." if info.get("parent")
+                  else f"the base model ({Path(info.get('source') or 'unknown source').name}).")
+               + " Every version is immutable; `DEPLOY/current` points at the live one and `recall-hf rollback` "
+               "flips it back.")
+    sections = [("History", history_table(info["tasks"]))] if info["tasks"] else []
+    kind = "adapter" if stage is not None and (stage / ADAPTER_CONFIG).is_file() else "full"
+    labels = ["deployed", "new task"] if report.get("weights") else []
+    return CardInfo(title=f"recall-hf deployed model {info['version']}", kind=kind,
+                    tasks=[t["task"] for t in info["tasks"]], base_model=input_base(stage) if stage else None,
+                    config=report.get("config") or {}, weights=report.get("weights"), labels=labels,
+                    summary=summary, task_count=info.get("task_count") or meta.get("task_count"), sections=sections)
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def render_card(info: dict, stage: Path | None = None) -> str:
+    return str(render(card_info(info, stage)))
 
 
 def write_version_files(stage: Path, info: dict) -> None:
     write_json(stage / VERSION_INFO, info)
-    (stage / "README.md").write_text(render_card(info))
+    write_card(stage, card_info(info, stage))

@@ -24,9 +24,11 @@ from pathlib import Path
 from recall_hf.durable import apply_umask, fsync_dir, fsync_tree, write_json
 from recall_hf.merge import recall_merge
 from recall_hf.modeldir import NOT_COPIED, RECALL_JSON, is_adapter_dir, read_recall_json, weight_hashes
+from recall_hf.versions import version_number
 
 from .config import DaemonConfig
 from .faults import crash_point
+from .hooks import Notifier, notify_published
 from .intake import TakenDrop, check_contents, scan_layout
 from .journal import IDLE, INTENT, MERGED, PUBLISHED, JournalEntry
 from .ledger import Result
@@ -57,6 +59,13 @@ class Publisher:
                  set_state: Callable[[str], None]):
         self.config, self.store, self.metrics, self.stop = config, store, metrics, stop
         self.set_state = set_state
+        self.notifier = Notifier()  # serving hooks: background threads, closed by the service on SIGTERM
+
+    def announce(self, version: str) -> None:
+        """Tell the serving side (`--on-publish`, `--vllm-url`, `--reload-url`) that `version` is live; never waits.
+        Runs again when recovery re-publishes after a crash: at least once, never for a version that is not live."""
+        notify_published(self.config, self.store.version_dir(version), version_number(version), self.store.root,
+                         self.notifier)
 
     # -- a drop's merge -------------------------------------------------------------------------------------------
     def begin(self, taken: TakenDrop, digest: str, task: str, parent: str) -> JournalEntry:
@@ -128,6 +137,7 @@ class Publisher:
                 crash_point("switched")
         self.store.journal.write(entry.advance(PUBLISHED))
         crash_point("published")
+        self.announce(entry.version)
         if recovering:
             logger.info("Recovered: %s is live.", entry.version)
         return True
@@ -193,6 +203,7 @@ class Publisher:
             shutil.rmtree(stage, ignore_errors=True)
             raise
         self.store.switch_current("v0000")
+        self.announce("v0000")
         self.store.ledger.append(Result.INIT, event="init", version="v0000", kind=kind, source=str(base.resolve()))
         logger.info("Initialised %s with the base model %s as v0000 (%s).", self.store.root, base, kind)
         return "v0000"

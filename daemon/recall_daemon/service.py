@@ -175,6 +175,7 @@ class DaemonService:
             if self.watcher is not None:
                 self.watcher.stop()
             self.metrics.close()
+            self._finish_hooks()
             if started:
                 self._final_status()
             restore_signals()
@@ -199,6 +200,15 @@ class DaemonService:
                                self.config.poll)
         return self._loop()
 
+    def _finish_hooks(self) -> None:
+        """A `--once` run (or a failure) waits, bounded by `hook_timeout`, for the serving hooks of what it published;
+        a stop by signal does not wait (RELIABILITY rule 14)."""
+        notifier = self.worker.publisher.notifier
+        if self.stop.requested:
+            notifier.close()
+        else:
+            notifier.finish(self.config.hook_timeout)
+
     def _final_status(self) -> None:
         try:
             self.worker.state = "stopped"
@@ -213,6 +223,7 @@ class DaemonService:
         def handler(signum, frame):
             logger.warning("Received %s; stopping at the next safe point.", signal.Signals(signum).name)
             self.stop.request()
+            self.worker.publisher.notifier.close()  # no more hook retries; a running attempt ends with the process
 
         previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
 

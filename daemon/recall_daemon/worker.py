@@ -314,6 +314,7 @@ class Worker:
             "deferred": sorted(self.deferred),
             "last_error": self.last_error,
             "last_success": self.last_success,
+            "hooks": self.publisher.notifier.outcomes[-5:],  # the serving hooks' latest results (background)
             "drop_dir": str(self.drop_dir),
             "deploy_dir": str(self.store.root),
             "watcher": self.watcher,

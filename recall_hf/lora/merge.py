@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from ..config import RecallConfig
 from ..fusion import fuse_tensor
+from ..hub import hub_id_of, input_labels
 from ..layers import LayerMap
 from ..modeldir import copy_aux_files
 from ..models import has_tokenizer, load_model, load_tokenizer, quiet_transformers, resolve_base
@@ -103,11 +104,11 @@ class AdapterMerge:
         """One `[L+1, n, hidden]` per adapter; the model is freed afterwards (fusion reads only the files)."""
         try:
             reps = []
-            for name, d in zip(self.names, self.dirs):
+            for name, label in zip(self.names, input_labels(self.dirs)):  # distinct even when folder names clash
                 self.model.set_adapter(name)
                 reps.append(pooled_hidden_states(self.model, self.tokenizer, texts, config.batch_size,
                                                  config.max_length, progress=progress,
-                                                 desc=f"Representations {d.name}"))
+                                                 desc=f"Representations {label}"))
             return reps
         finally:
             self.model = None
@@ -155,7 +156,8 @@ class AdapterMerge:
         to_save = list(dict.fromkeys(m for ad in self.adapters for m in (ad.config.get("modules_to_save") or [])))
         copy_aux_files(self.dirs[-1], stage)
         # Written after the copy: the newest adapter's config must not survive in the output.
-        write_adapter(stage, tensors, merged_adapter_config(self.adapters[-1].config, ranks, to_save, self.base_name))
+        base_id = hub_id_of(self.base_name) or self.base_name  # a Hub id, not a cache path, for a base from the Hub
+        write_adapter(stage, tensors, merged_adapter_config(self.adapters[-1].config, ranks, to_save, base_id))
         stats = {
             "modules": len(self.modules),
             "modules_to_save_tensors": len(self.full_keys),
