@@ -1,4 +1,4 @@
-"""`recall-hf` command line: merge, select-samples, and the daemon's commands."""
+"""`recall-hf` command line: merge, select-samples, fold, task-checkpoint, and the daemon's commands."""
 
 from __future__ import annotations
 
@@ -33,6 +33,10 @@ def _cmd_merge(args: argparse.Namespace) -> int:
         f"Merged {len(report.models)} models into {args.out} ({report.kind}); newest model's weight per layer: "
         f"{min(newest):.3f}..{max(newest):.3f}; carries {report.output_task_count} tasks."
     )
+    if report.calibration:
+        chosen = report.calibration["chosen"]
+        print(f"Calibrated fold ({report.calibration['protocol']}): chose {chosen['name']} of "
+              f"{len(report.calibration['candidates'])} candidates on {len(report.calibration['tasks'])} tasks.")
     print(f"Report: {Path(args.out) / 'recall_report.json'}  plot: {Path(args.out) / 'recall_weights.png'}")
     return 0
 
@@ -56,6 +60,35 @@ def _cmd_fold(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_task_checkpoint(args: argparse.Namespace) -> int:
+    from .task_checkpoint import make_task_checkpoint
+
+    config = _config_from(args, SELECT_FIELDS)
+    out = make_task_checkpoint(args.model_dir, args.texts, task=args.task, parent=args.parent, base=args.base,
+                               config=config, overwrite=args.overwrite)
+    print(f"Made {out} a task checkpoint (recall_samples.jsonl, recall_fingerprint.safetensors, recall.json, READY)")
+    return 0
+
+
+def _add_task_checkpoint(sub) -> None:
+    t = sub.add_parser(
+        "task-checkpoint",
+        help="turn a fine-tuned model or LoRA adapter folder into a task checkpoint in place",
+        description="Pick the typical samples of TEXTS, record the model's fingerprint on them (SPEC 2.7) and write "
+        "recall_samples.jsonl, recall_fingerprint.safetensors, recall.json and READY into MODEL_DIR. The weights "
+        "are not touched. Needed by `merge --calibrate` for the newest model.",
+    )
+    t.add_argument("model_dir", help="the fine-tuned model (config.json + weights) or PEFT adapter folder")
+    t.add_argument("--texts", required=True, help='the task\'s texts: a .jsonl of {"text": ...} lines or a .txt')
+    t.add_argument("--task", default=None, help="the task's name (default: the folder's name)")
+    t.add_argument("--parent", default=None, help="the model fine-tuning started from (the deployed model, or the "
+                   "base)")
+    t.add_argument("--base", default=None, help="the original base model (an adapter's base must be local)")
+    t.add_argument("--overwrite", action="store_true", help="redo a folder that already is a task checkpoint")
+    add_dataclass_args(t.add_argument_group("RECALL settings (RecallConfig)"), RecallConfig, SELECT_FIELDS)
+    t.set_defaults(func=_cmd_task_checkpoint)
+
+
 def _add_merge(sub) -> None:
     m = sub.add_parser(
         "merge",
@@ -70,7 +103,7 @@ def _add_merge(sub) -> None:
     m.add_argument("--task-counts", default=None,
                    help="comma-separated tasks each model carries (default: from each recall.json, else 1)")
     m.add_argument("--base", default=None, help="base model dir: for adapter merges (default: from "
-                   "adapter_config.json) and --fusion task_vector")
+                   "adapter_config.json), --fusion task_vector and --calibrate's from-base form")
     add_dataclass_args(m.add_argument_group("RECALL settings (RecallConfig)"), RecallConfig)
     m.set_defaults(func=_cmd_merge)
 
@@ -114,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_merge(sub)
     _add_select_samples(sub)
     _add_fold(sub)
+    _add_task_checkpoint(sub)
     add_plugin_commands(sub)
     return parser
 

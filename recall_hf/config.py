@@ -54,6 +54,10 @@ class RecallConfig:
             `convex`: `sum_k w_k theta_k` (the paper; right when each task was fine-tuned from the deployed model).
             `task_vector`: `theta_base + sum_k c_k (theta_k - theta_base)` with `c = (w/m) / max(w/m)` per layer;
             needs the common base model, for task models each fine-tuned from that base.
+        calibrate (`bool`, *optional*, defaults to `False`):
+            Calibrated fold (SPEC 2.7, full models, two models): search candidate folds of the newest model into
+            the deployed one and keep the one closest to every folded task's fingerprint; the output carries
+            every task's fingerprint. Needs `recall-hf task-checkpoint` on the new model. `False`: the paper's rule.
         normalize_depth (`bool`, *optional*, defaults to `False`):
             Rescale each layer's divergence by its spread across layers before the softmax.
         batch_size (`int`, *optional*, defaults to `8`):
@@ -98,6 +102,11 @@ class RecallConfig:
             "each fine-tuned from one base; needs --base for full models).",
             "choices": FUSIONS,
         },
+    )
+    calibrate: bool = field(
+        default=False,
+        metadata={"help": "Calibrated fold: pick the fold closest to every task's fingerprint (full models, 2 models; "
+                  "--base DIR for the from-base form). The output keeps every task's fingerprint."},
     )
     normalize_depth: bool = field(default=False, metadata={"help": "Rescale layer divergences by their spread."})
     batch_size: int = field(default=8, metadata={"help": "Batch size of the forward passes."})

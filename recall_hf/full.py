@@ -23,7 +23,7 @@ from .weights import task_vector_coefficients
 def check_base(base: Path | None, config: RecallConfig) -> None:
     """`base` is given exactly when `fusion="task_vector"` needs it (adapter merges have their own rule)."""
     task_vector = config.fusion == "task_vector"
-    if base is not None and not task_vector:
+    if base is not None and not task_vector and not config.calibrate:  # calibrate: --base is P, the from-base form
         raise ValueError(
             "--base is for adapter merges and --fusion task_vector; with convex fusion of full models "
             "list the base among the models."
@@ -89,6 +89,20 @@ class FullMerge:
         if c is not None:
             stats["base"] = str(self.base)
             stats["task_vector_coefficients"] = c.tolist()
+        self._write_aux(stage)
+        return stats
+
+    def write_fused(self, stage: Path, inputs: list[Path], fusion_weights: torch.Tensor, progress: bool) -> dict:
+        """Fuse with weights over `inputs` as given (a calibrated fold: `[D, N]`, or `[P, D, N]` with P = base)."""
+        if [Path(p).resolve() for p in inputs] != [Path(r.dir).resolve() for r in self.readers]:
+            raise RuntimeError(f"Fusion inputs {inputs} are not this merge's readers.")
+        stats = fuse_checkpoints(self.readers, self.layer_map, fusion_weights.float(), stage, self.config.dtype,
+                                 self.config.max_shard_size, progress)
+        self._write_aux(stage)
+        return stats
+
+    def _write_aux(self, stage: Path) -> None:
+        """The newest model's config, tokenizer and other files, with the output dtype."""
         copy_aux_files(self.dirs[-1], stage)
         if self.config.dtype:
             cfg_path = stage / "config.json"
@@ -96,7 +110,6 @@ class FullMerge:
             cfg["dtype"] = self.config.dtype
             cfg.pop("torch_dtype", None)
             cfg_path.write_text(json.dumps(cfg, indent=2))
-        return stats
 
     def close(self) -> None:
         for r in self.readers:

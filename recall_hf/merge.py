@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from .calibrated import carry_fingerprints, check_calibrate, fold_plan, input_fingerprints, report_weights
 from .compat import check_distinct_dirs
 from .config import RecallConfig
 from .durable import check_output_dir, staged_dir
@@ -61,7 +62,10 @@ def prepare_merge(
     t0 = time.perf_counter()
     dirs, out_dir = resolve_models(models), Path(out_dir)  # local folders or Hub ids; an output_dir -> its checkpoint
     base = resolve_base(base, dirs)  # checked against the parent hashes the inputs recorded
-    strategy = open_strategy(check_inputs(dirs, out_dir), dirs, base, config)
+    kind = check_inputs(dirs, out_dir)
+    if config.calibrate:
+        check_calibrate(kind, dirs)
+    strategy = open_strategy(kind, dirs, base, config)
     validate = time.perf_counter() - t0
     try:
         plan = build_plan(strategy, dirs, probes, out_dir, config, task_counts, progress, known_hashes)
@@ -83,8 +87,33 @@ def check_coefficients(plan: MergePlan, coefficients: torch.Tensor) -> torch.Ten
     return coefficients
 
 
+def _calibrate(plan: MergePlan, report: MergeReport):
+    """Run the calibrated fold (SPEC 2.7) into `report`; returns `(fold, fingerprints)` for `_fuse`."""
+    t = time.perf_counter()
+    fingerprints = input_fingerprints(plan)
+    fold = fold_plan(plan, fingerprints)
+    report.weights = report_weights(fold, len(plan.models))
+    report.calibration = {**fold.report, "tasks": sorted(fingerprints)}
+    report.timings = {**plan.timings, "calibrate": time.perf_counter() - t}
+    return fold, fingerprints
+
+
+def _fuse(plan: MergePlan, stage: Path, coefficients: torch.Tensor, calibrated, progress: bool) -> dict:
+    """Fuse into `stage`: the plan's rule with `coefficients`, or the calibrated fold with its fingerprints."""
+    if calibrated is None:
+        return plan.strategy.write(stage, coefficients, plan.task_counts, progress)
+    fold, fingerprints = calibrated
+    stats = plan.strategy.write_fused(stage, fold.inputs, fold.weights, progress)
+    stats.update(fusion_inputs=[str(p) for p in fold.inputs], fusion_weights=fold.weights.tolist(),
+                 planned_weights=plan.coefficients.tolist(), fingerprints=carry_fingerprints(stage, fingerprints))
+    return stats
+
+
 def execute_merge(plan: MergePlan, coefficients: torch.Tensor | None = None, progress: bool = True) -> MergeReport:
     """Fuse the plan's models with per-layer `coefficients` (default: the plan's) and write the output atomically.
+
+    With `config.calibrate` the calibrated fold chooses the fusion weights instead (no `coefficients` then); the
+    report's `calibration` lists its candidates and the output carries every input's fingerprints.
 
     Returns:
         The `MergeReport`; `weights` are the coefficients used (the plan's are kept in `stats["planned_weights"]`
@@ -92,19 +121,23 @@ def execute_merge(plan: MergePlan, coefficients: torch.Tensor | None = None, pro
     """
     t0 = time.perf_counter()
     planned = coefficients is None
+    if plan.config.calibrate and not planned:
+        raise ValueError("Pass either coefficients or calibrate=True, not both.")
     coefficients = plan.coefficients if planned else check_coefficients(plan, coefficients)
     report = MergeReport(
         out_dir=str(plan.out_dir), kind=plan.kind, models=[str(d) for d in plan.models], task_counts=plan.task_counts,
         output_task_count=sum(plan.task_counts), config=plan.config.to_dict(), probes=plan.probes,
         similarities=plan.similarities.tolist(), weights=coefficients.tolist(), input_hashes=plan.input_hashes,
-        created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), timings=dict(plan.timings),
     )
     try:
+        calibrated = _calibrate(plan, report) if plan.config.calibrate else None
+        t_fuse = time.perf_counter()
         with staged_dir(plan.out_dir) as stage:
-            report.stats = plan.strategy.write(stage, coefficients, plan.task_counts, progress)
+            report.stats = _fuse(plan, stage, coefficients, calibrated, progress)
             if not planned:
                 report.stats["planned_weights"] = plan.coefficients.tolist()
-            report.timings = {**plan.timings, "fusion": time.perf_counter() - t0}
+            report.timings["fusion"] = time.perf_counter() - (t0 if calibrated is None else t_fuse)
             report.timings["total"] = sum(report.timings.values())
             write_outputs(stage, report)
     finally:

@@ -31,6 +31,8 @@ class MergeReport:
     input_hashes: dict[str, dict[str, str]] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     stats: dict = field(default_factory=dict)
+    # The calibrated fold's search (SPEC 2.7): every candidate with per-task scores, the chosen one, the time spent.
+    calibration: dict | None = None
     library_version: str = __version__
     created: str = ""
 

@@ -25,7 +25,7 @@ from transformers import (
 from recall_hf import RecallCallback, RecallConfig
 from recall_hf.callback import dataset_texts, render_prompt
 from recall_hf.durable import current_umask
-from recall_hf.modeldir import READY, RECALL_JSON, is_weight_file, sha256_file
+from recall_hf.modeldir import FINGERPRINT_NAME, READY, RECALL_JSON, is_weight_file, sha256_file
 from recall_hf.models import load_backbone, load_tokenizer
 from recall_hf.representations import pooled_hidden_states
 from recall_hf.samples import SAMPLES_NAME, candidate_texts, cluster_medoids
@@ -66,7 +66,7 @@ def make_trainer(model_dir: Path, out: Path, callback: RecallCallback, texts=TEX
 def check_complete(ckpt: Path, kind: str = "full") -> dict:
     """Every file SPEC 3 asks for is there, and recall.json's hashes are those of the weight files."""
     names = {p.name for p in ckpt.iterdir()}
-    need = {READY, RECALL_JSON, SAMPLES_NAME, "tokenizer.json"}
+    need = {READY, RECALL_JSON, SAMPLES_NAME, FINGERPRINT_NAME, "tokenizer.json"}  # SPEC 3, 2.7
     need |= {"config.json", "model.safetensors"} if kind == "full" else {"adapter_config.json",
                                                                            "adapter_model.safetensors"}
     assert need <= names, need - names
