@@ -55,6 +55,9 @@ def _add_daemon_args(p: argparse.ArgumentParser) -> None:
                    help="what to do with a merged drop: delete it (default) or move it to DEPLOY/ingested/")
     p.add_argument("--retry-after", type=float, default=None,
                    help="seconds before retrying a drop deferred for disk space (default 300)")
+    p.add_argument("--adapter-max-rank", type=int, default=None,
+                   help="adapter deployments: cap of the deployed LoRA rank, compressed by truncated SVD "
+                   "(default 64; 0 = uncapped)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                    help="daemon log level (default INFO)")
     _add_hook_args(p)
@@ -79,7 +82,7 @@ def _add_hook_args(p: argparse.ArgumentParser) -> None:
 
 HOOK_KEYS = ("on_publish", "vllm_url", "vllm_lora_name", "reload_url")
 DAEMON_KEYS = ("drop_dir", "deploy_dir", "base", "poll", "quiet_period", "keep", "metrics_port", "metrics_addr",
-               "probes", "polling_observer", "events", "after_ingest", "retry_after") + HOOK_KEYS
+               "probes", "polling_observer", "events", "after_ingest", "retry_after", "adapter_max_rank") + HOOK_KEYS
 
 
 def build_config(args: argparse.Namespace):
@@ -144,6 +147,8 @@ def collect_status(store: DeployStore) -> dict:
         "current": live,
         "current_path": str(store.current_link.resolve()) if live else None,
         "task_count": info.get("task_count"),
+        "rank": info.get("rank"),  # adapter versions: the deployed LoRA rank and the SVD cap's error
+        "compression": info.get("compression"),
         "tasks": [{"task": t.get("task"), "hash": t.get("hash"), "version": t.get("version"), "time": t.get("time")}
                   for t in info.get("tasks", [])],
         "versions": store.versions(),
@@ -169,6 +174,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"recall-daemon: {run}")
     print(f"current: {report['current'] or 'MISSING'} ({report['task_count'] or 0} tasks)  "
           f"versions: {', '.join(report['versions']) or 'none'}  journal: {report['journal']}")
+    if report["rank"]:
+        err = (report["compression"] or {}).get("max_rel_error")
+        print(f"adapter rank: {report['rank']}" + (f" (capped; max relative error {err:.2e})" if err else ""))
     for i, t in enumerate(report["tasks"], 1):
         print(f"  {i:>3}. {t['task']}  [{(t['hash'] or '')[:12]}]  {t['version']}  {t['time']}")
     if report["queue"] or report["writing"]:

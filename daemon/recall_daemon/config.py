@@ -67,6 +67,10 @@ class DaemonConfig:
             Seconds before a hook's first retry; doubled for each further retry.
         hook_timeout (`float`, *optional*, defaults to `60.0`):
             Seconds one hook attempt (command or HTTP request) may take.
+        adapter_max_rank (`int`, *optional*, defaults to `64`):
+            Adapter deployments: every deployed version's LoRA rank is at most this (merged factors compressed by
+            truncated SVD, the error recorded per version); `0` or `None` leaves the stacked rank uncapped.
+            `recall.max_rank`, when set, caps it too (the smaller wins).
         recall (`RecallConfig`, *optional*):
             RECALL merge settings (TOML table `[recall]`); the daemon always merges in `continual` mode.
     """
@@ -93,6 +97,7 @@ class DaemonConfig:
     hook_retries: int = field(default=5, metadata={"help": "Retries of a failed hook, with backoff."})
     hook_backoff: float = field(default=2.0, metadata={"help": "Seconds before a hook's first retry (doubling)."})
     hook_timeout: float = field(default=60.0, metadata={"help": "Seconds one hook attempt may take."})
+    adapter_max_rank: int | None = field(default=64, metadata={"help": "Cap of the deployed adapter rank (0: none)."})
     recall: RecallConfig = field(default_factory=RecallConfig, metadata={"help": "RECALL merge settings."})
 
     def __post_init__(self) -> None:
@@ -124,6 +129,15 @@ class DaemonConfig:
         if self.validate_samples < 1:
             raise ValueError(f"validate_samples must be >= 1, got {self.validate_samples}.")
         check_hook_settings(self)
+        rank = self.adapter_max_rank
+        if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 0):
+            raise ValueError(f"adapter_max_rank must be an integer >= 0 (0: uncapped), got {rank!r}.")
+
+    @property
+    def merge_max_rank(self) -> int | None:
+        """The rank merged adapters are compressed to: the smaller of `adapter_max_rank` and `recall.max_rank`."""
+        caps = [r for r in (self.adapter_max_rank, self.recall.max_rank) if r]
+        return min(caps) if caps else None
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> DaemonConfig:

@@ -13,6 +13,7 @@ Also `publish_base`: the base model as `versions/v0000` when a deploy folder is 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -52,6 +53,21 @@ def recorded_hashes(version: Path) -> dict[str, str]:
     return hashes if isinstance(hashes, dict) else {}
 
 
+def rank_info(stats: dict) -> dict:
+    """An adapter version's deployed rank and, when capped, its compression error (for version.json/status)."""
+    if "rank_max" not in stats:
+        return {}
+    return {"rank": stats["rank_max"], "compression": stats.get("compression")}
+
+
+def record_compression(stage: Path, stats: dict) -> None:
+    """Add the merge's rank and compression error to the version's `recall.json` (sha256 are unaffected)."""
+    extra = rank_info(stats)
+    if extra:
+        path = stage / RECALL_JSON
+        write_json(path, {**json.loads(path.read_text()), **extra})
+
+
 class Publisher:
     """Stages, validates and publishes versions of one deploy folder, every step journaled."""
 
@@ -82,6 +98,34 @@ class Publisher:
         stage, drop = Path(entry.staging), taken.path
         shutil.rmtree(stage, ignore_errors=True)
         stage.mkdir()
+        parent_dir = self.store.version_dir(entry.parent)
+        if info.kind == "adapter" and not is_adapter_dir(parent_dir):  # the bare base's first adapter
+            from recall_hf.lora.merge import adopt_adapter
+
+            stats = adopt_adapter(drop, stage, self.config.merge_max_rank, self.config.recall.dtype)
+            weights, task_count, kind = None, 1, "adopt-adapter"
+            write_json(stage / RECALL_JSON, {"kind": "recall-daemon-adapter", "task_count": 1, "parents": [str(drop)],
+                                             "created": now_iso(), "sha256": weight_hashes(stage)})
+        else:
+            report = self._merge(entry, drop, info, stage)
+            stats, weights, task_count = report.stats, weight_summary(report.weights), report.output_task_count
+            kind = f"merge-{report.kind}"
+        created = now_iso()
+        tasks = list(self.store.version_info(entry.parent).get("tasks", []))
+        tasks.append({"task": info.task, "name": taken.name, "hash": entry.hash, "time": created,
+                      "version": entry.version, "weights": weights})
+        record_compression(stage, stats)
+        write_version_files(stage, {**version_info(entry.version, entry.parent, created, task_count, tasks, kind),
+                                    **rank_info(stats)})
+        apply_umask(stage)  # nothing executable, readable by a server running as another user
+        self.set_state(f"validating {entry.version}")
+        result = validate_version(stage, info.texts, self.config.validate_samples, self.config.recall.max_length,
+                                  self.config.recall.device, self.config.recall.device_map, self.adapter_base())
+        logger.info("Version %s validated: forward pass on %d typical samples is finite", entry.version,
+                    result["texts"])
+
+    def _merge(self, entry: JournalEntry, drop: Path, info: DropInfo, stage: Path):
+        """RECALL merge of the live version and the drop into `stage` (adapters capped at `merge_max_rank`)."""
         work = stage / "merged"
         # Task-vector fusion measures every task vector from the base (v0000): only for drops fine-tuned from it.
         base = self.store.version_dir("v0000") if self.config.recall.fusion == "task_vector" else None
@@ -91,23 +135,20 @@ class Publisher:
         parent_dir = self.store.version_dir(entry.parent)
         known = {str(d): recorded_hashes(d) for d in [parent_dir] + ([base] if base else [])}
         known[str(drop)] = info.weight_hashes
-        report = recall_merge([parent_dir, drop], info.texts, work, self.config.recall, base=base, progress=False,
+        config = self.config.recall
+        if info.kind == "adapter" and config.max_rank != self.config.merge_max_rank:
+            config = dataclasses.replace(config, max_rank=self.config.merge_max_rank)
+        report = recall_merge([parent_dir, drop], info.texts, work, config, base=base, progress=False,
                               known_hashes=known)
         for p in work.iterdir():
             os.rename(p, stage / p.name)
         work.rmdir()
-        created = now_iso()
-        tasks = list(self.store.version_info(entry.parent).get("tasks", []))
-        tasks.append({"task": info.task, "name": taken.name, "hash": entry.hash, "time": created,
-                      "version": entry.version, "weights": weight_summary(report.weights)})
-        write_version_files(stage, version_info(entry.version, entry.parent, created, report.output_task_count,
-                                                tasks, f"merge-{report.kind}"))
-        apply_umask(stage)  # nothing executable, readable by a server running as another user
-        self.set_state(f"validating {entry.version}")
-        result = validate_version(stage, info.texts, self.config.validate_samples, self.config.recall.max_length,
-                                  self.config.recall.device, self.config.recall.device_map)
-        logger.info("Version %s validated: forward pass on %d typical samples is finite", entry.version,
-                    result["texts"])
+        return report
+
+    def adapter_base(self) -> Path | None:
+        """The deployment's base model when adapter versions run on a bare full-model v0000, else None."""
+        v0 = self.store.version_dir("v0000")
+        return v0 if v0.is_dir() and not is_adapter_dir(v0) else None
 
     def seal(self, entry: JournalEntry, started: float) -> JournalEntry:
         fsync_tree(Path(entry.staging))

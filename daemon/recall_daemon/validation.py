@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -129,6 +130,40 @@ def check_adapter_architecture(drop: Path, deployed: Path) -> None:
         check_adapters([load_adapter(deployed), new], None)
 
 
+def is_bare_base(deployed: Path) -> bool:
+    """A full model carrying no task (the base as v0000): its first adapter drop makes an adapter deployment."""
+    try:
+        return not is_adapter_dir(deployed) and read_recall_json(deployed).get("task_count") == 0
+    except (OSError, ValueError):
+        return False
+
+
+def check_adapter_fits_base(drop: Path, base: Path) -> None:
+    """Every adapted module of the drop is a weight of the deployed base with the factors' in/out sizes."""
+    from recall_hf.lineage import check_base
+    from recall_hf.lora.compat import load_adapter
+    from recall_hf.lora.io import strip_peft_prefix
+
+    with rejecting("architecture"):
+        check_base([drop], base)  # the parent hashes a task checkpoint recorded, when it did
+    with rejecting("config"):
+        adapter = load_adapter(drop)
+    reader = CheckpointReader(base)
+    try:
+        for module, m in adapter.modules.items():
+            a, b = adapter.reader.tensors[m.a_key].shape, adapter.reader.tensors[m.b_key].shape
+            key = f"{strip_peft_prefix(module)}.weight"
+            own = reader.tensors.get(key)
+            size = (math.prod(a) // a[0]) * b[0]
+            if own is None or math.prod(own.shape) != size:
+                has = "no such weight" if own is None else f"shape {tuple(own.shape)}"
+                raise DropRejected("architecture", f"the adapter adapts {key} with lora_A {tuple(a)} / lora_B "
+                                   f"{tuple(b)} but the deployed base has {has}; drop adapters of this base model.")
+    finally:
+        reader.close()
+        adapter.reader.close()
+
+
 def check_finite(reader: CheckpointReader) -> int:
     """Read every tensor in full (a file that opens but cannot be read is caught here) and check it is finite."""
     try:
@@ -206,7 +241,8 @@ def verify_drop(drop: Path, deployed: Path, file_hashes: dict[str, str], probes:
     """
     kind = drop_kind(drop)
     deployed_kind = "adapter" if is_adapter_dir(deployed) else "full"
-    if kind != deployed_kind:
+    adopting = kind == "adapter" and deployed_kind == "full" and is_bare_base(deployed)
+    if kind != deployed_kind and not adopting:
         raise DropRejected("architecture", f"the drop is a {kind} checkpoint but the deployed model is a "
                            f"{deployed_kind} one; drop {'adapters' if deployed_kind == 'adapter' else 'full models'}.")
     weights = {rel: h for rel, h in file_hashes.items() if "/" not in rel and is_weight_file(rel)}
@@ -217,6 +253,8 @@ def verify_drop(drop: Path, deployed: Path, file_hashes: dict[str, str], probes:
     check_sha256(drop, recall.get("sha256") or {}, file_hashes)
     if kind == "full":
         check_full_architecture(drop, deployed, reader)
+    elif adopting:
+        check_adapter_fits_base(drop, deployed)
     else:
         check_adapter_architecture(drop, deployed)
     texts = drop_texts(drop, probes)
@@ -225,15 +263,16 @@ def verify_drop(drop: Path, deployed: Path, file_hashes: dict[str, str], probes:
     return DropInfo(kind, str(task), texts, recall, n, weights)
 
 
-def forward_model(version: Path, device: str = "cpu", device_map: str | None = None):
-    """Load a version the way a server would: the class its config names (adapters: base model + PEFT)."""
+def forward_model(version: Path, device: str = "cpu", device_map: str | None = None, base: Path | None = None):
+    """Load a version the way a server would: the class its config names (adapters: base model + PEFT; `base`:
+    the deployment's own base model, else the adapter's `base_model_name_or_path`)."""
     from recall_hf.models import load_model, quiet_transformers
 
     if is_adapter_dir(version):
         from peft import PeftModel
 
         cfg = json.loads((version / ADAPTER_CONFIG).read_text())
-        base = load_model(cfg["base_model_name_or_path"], cfg.get("task_type"), device)
+        base = load_model(base or cfg["base_model_name_or_path"], cfg.get("task_type"), device)
         with quiet_transformers():
             return PeftModel.from_pretrained(base, str(version)).eval()
     # The stored dtype (a bf16 model validates in bf16: half the memory, the same overflow range as fp32).
@@ -241,15 +280,16 @@ def forward_model(version: Path, device: str = "cpu", device_map: str | None = N
 
 
 def validate_version(version: Path, texts: list[str], max_texts: int = 8, max_length: int = 256,
-                     device: str = "cpu", device_map: str | None = None) -> dict:
-    """The merged version loads, its weights are finite, and a forward pass on typical samples is finite."""
+                     device: str = "cpu", device_map: str | None = None, base: Path | None = None) -> dict:
+    """The merged version loads (an adapter on `base` when given), its weights are finite, and a forward pass on
+    typical samples is finite."""
     from recall_hf.models import load_tokenizer
 
     try:
-        model = forward_model(version, device, device_map)
+        model = forward_model(version, device, device_map, base)
         tok_dir = version
         if is_adapter_dir(version) and not (version / "tokenizer_config.json").is_file():
-            tok_dir = Path(json.loads((version / ADAPTER_CONFIG).read_text())["base_model_name_or_path"])
+            tok_dir = base or Path(json.loads((version / ADAPTER_CONFIG).read_text())["base_model_name_or_path"])
         tokenizer = load_tokenizer(tok_dir)
     except Exception as err:  # noqa: BLE001 - anything that stops a server from loading it
         raise DropRejected("post_merge", f"the merged model does not load: {first_line(err)}") from None

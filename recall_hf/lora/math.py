@@ -88,6 +88,15 @@ def as_matrices(A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.T
     return A.reshape(A.shape[0], -1), B.reshape(B.shape[0], B.shape[1])
 
 
+def contributing(
+    mats: list[tuple[torch.Tensor, torch.Tensor]], scales: list[float], weights: list[float]
+) -> list[int]:
+    """Indices of the factors that add something: coefficient `w * s != 0` and `B` not all zeros. The others (a
+    fresh zero adapter, a task at weight 0) would only grow the stacked rank with zero columns."""
+    return [k for k, ((_, b), s, w) in enumerate(zip(mats, scales, weights))
+            if float(w) * float(s) != 0.0 and bool(b.ne(0).any())]
+
+
 def merge_factors(
     factors: list[tuple[torch.Tensor, torch.Tensor]], scales: list[float], weights: list[float], max_rank: int | None,
     name: str = "module",
@@ -107,7 +116,11 @@ def merge_factors(
     """
     a_shape, b_shape = factors[0][0].shape, factors[0][1].shape
     mats = [as_matrices(a, b) for a, b in factors]
-    A, B = stack_lora([a for a, _ in mats], [b for _, b in mats], scales, weights)
+    keep = contributing(mats, scales, weights)
+    if not keep:  # nothing adds anything: one zero factor (PEFT needs rank >= 1)
+        mats, scales, weights, keep = [(mats[0][0][:1], mats[0][1][:, :1])], [0.0], [0.0], [0]
+    A, B = stack_lora([mats[k][0] for k in keep], [mats[k][1] for k in keep], [scales[k] for k in keep],
+                      [weights[k] for k in keep])
     rel_error = 0.0
     if max_rank is not None:
         A, B, rel_error = compress_lora(A, B, max_rank)

@@ -175,3 +175,34 @@ class AdapterMerge:
         self.model = None
         for ad in self.adapters:
             ad.reader.close()
+
+
+def adopt_adapter(src: Path, stage: Path, max_rank: int | None, dtype: str | None = None) -> dict:
+    """One adapter deployed on its own (the first task on a bare base: RECALL gives a 0-task model weight 0): the same
+    `B @ A` per module at scale 1, or compressed by truncated SVD to `max_rank` in every module whose rank is above it.
+
+    Returns:
+        Stats like `AdapterMerge.write`'s: ranks, and `compression` when `max_rank` is set.
+    """
+    adapter = load_adapter(src)
+    try:
+        tensors, ranks, errors = {}, {}, {}
+        for module, m in adapter.modules.items():
+            a, b = adapter.reader.get(m.a_key), adapter.reader.get(m.b_key)
+            A, B, errors[module] = merge_factors([(a, b)], [m.scale], [1.0], max_rank, module)
+            tensors[m.a_key] = A.to(output_dtype(adapter, m.a_key, dtype)).contiguous()
+            tensors[m.b_key] = B.to(output_dtype(adapter, m.b_key, dtype)).contiguous()
+            ranks[module] = A.shape[0]
+        for key in adapter.full + adapter.base_layers:
+            tensors[key] = adapter.reader.get(key).contiguous()
+        copy_aux_files(src, stage)
+        to_save = adapter.config.get("modules_to_save") or []
+        base_id = adapter.config.get("base_model_name_or_path") or ""
+        write_adapter(stage, tensors, merged_adapter_config(adapter.config, ranks, to_save, base_id))
+    finally:
+        adapter.reader.close()
+    stats = {"modules": len(ranks), "rank_max": max(ranks.values()), "rank_min": min(ranks.values()),
+             "input_ranks": [sorted({m.rank for m in adapter.modules.values()})]}
+    if max_rank is not None:
+        stats["compression"] = compression_stats(errors, max_rank)
+    return stats

@@ -218,14 +218,14 @@ def wait_exit(pid: int, timeout: float = 60.0) -> int:
     raise AssertionError(f"process {pid} did not exit within {timeout}s")
 
 
-def make_adapter_drop(drop_dir: Path, name: str, base: Path, seed: int = 1, ready: bool = True,
+def make_adapter_drop(drop_dir: Path, name: str, base: Path, seed: int = 1, ready: bool = True, r: int = 2,
                       samples: list[str] | None = SAMPLES) -> Path:
     """A LoRA task checkpoint of `base` (B = 0 when `seed` is 0, i.e. a fresh adapter that changes nothing)."""
     from peft import LoraConfig, get_peft_model
 
     d = Path(drop_dir) / name
     model = transformers.AutoModelForCausalLM.from_pretrained(base)
-    peft_model = get_peft_model(model, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"],
+    peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules=["q_proj", "v_proj"],
                                                   task_type="CAUSAL_LM"))
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():

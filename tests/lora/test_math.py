@@ -54,3 +54,22 @@ def test_compress_lora_is_the_best_low_rank_approximation():
 
 
 # Fixtures: tiny bases and LoRA adapters with perturbed factors.
+
+
+def test_merge_factors_drops_zero_factors_from_the_stack():
+    """A zero adapter (B = 0) or a factor at coefficient 0 adds no rank: r 4 + 4 (+ 4 zero) stays 8, not 12."""
+    from recall_hf.lora.math import merge_factors
+
+    gen = torch.Generator().manual_seed(3)
+    live = (torch.randn(4, 8, generator=gen), torch.randn(6, 4, generator=gen))
+    zero = (torch.randn(4, 8, generator=gen), torch.zeros(6, 4))
+    new = (torch.randn(4, 8, generator=gen), torch.randn(6, 4, generator=gen))
+    A, B, err = merge_factors([zero, live, new], [2.0, 1.0, 0.5], [0.3, 0.3, 0.4], None)
+    assert A.shape == (8, 8) and B.shape == (6, 8) and err == 0.0
+    expected = 0.3 * 1.0 * live[1] @ live[0] + 0.4 * 0.5 * new[1] @ new[0]
+    torch.testing.assert_close(B @ A, expected)
+    A, B, _ = merge_factors([live, new], [1.0, 0.5], [0.0, 1.0], None)  # weight 0: dropped
+    assert A.shape[0] == 4
+    torch.testing.assert_close(B @ A, 0.5 * new[1] @ new[0])
+    A, B, _ = merge_factors([zero, live], [2.0, 1.0], [1.0, 0.0], None)  # nothing contributes: one zero factor
+    assert A.shape == (1, 8) and B.shape == (6, 1) and not B.any()
