@@ -44,7 +44,7 @@ def base_mismatch(inputs: list[Path], base: Path) -> str | None:
     return None
 
 
-def check_base(inputs: list[Path], base: str | Path | None) -> None:
+def check_lineage(inputs: list[Path], base: str | Path | None) -> None:
     """Raise `ValueError` when a local `base` does not match the parent hashes the inputs recorded."""
     if base is None or not Path(base).is_dir():
         return
@@ -53,12 +53,12 @@ def check_base(inputs: list[Path], base: str | Path | None) -> None:
         raise ValueError(problem)
 
 
-def resolve_base(base: str | Path | None, inputs: list[Path]) -> Path | None:
+def checked_base(base: str | Path | None, inputs: list[Path]) -> Path | None:
     """`--base` as a local folder (a Hub id resolved from the cache), checked against the inputs' recorded parent."""
     if base is None:
         return None
     from .hub import resolve_model
 
     folder = resolve_model(base)
-    check_base(inputs, folder)
+    check_lineage(inputs, folder)
     return folder

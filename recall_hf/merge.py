@@ -18,7 +18,7 @@ from .compat import check_distinct_dirs
 from .config import RecallConfig
 from .durable import check_output_dir, staged_dir
 from .hub import resolve_models
-from .lineage import resolve_base
+from .lineage import checked_base
 from .modeldir import is_adapter_dir
 from .plan import MergePlan, MergeStrategy, build_plan
 from .report import MergeReport, write_outputs
@@ -61,7 +61,7 @@ def prepare_merge(
     config = config or RecallConfig()
     t0 = time.perf_counter()
     dirs, out_dir = resolve_models(models), Path(out_dir)  # local folders or Hub ids; an output_dir -> its checkpoint
-    base = resolve_base(base, dirs)  # checked against the parent hashes the inputs recorded
+    base = checked_base(base, dirs)  # checked against the parent hashes the inputs recorded
     kind = check_inputs(dirs, out_dir)
     if config.calibrate:
         check_calibrate(kind, dirs)

@@ -21,7 +21,7 @@ from peft import LoraConfig, get_peft_model
 from recall_hf import RecallConfig, recall_merge
 from recall_hf.card import CARD_NAME
 from recall_hf.hub import hub_id_of, input_labels, looks_like_hub_id, resolve_model
-from recall_hf.lineage import check_base
+from recall_hf.lineage import check_lineage
 from recall_hf.lora.fold import fold_adapter
 from recall_hf.task_checkpoint import write_task_checkpoint
 from recall_hf.tiny import build_tiny_model
@@ -148,7 +148,7 @@ def test_wrong_base_is_refused_in_one_line(bases, tmp_path):
     base, other = bases
     tasks = [as_task(make_adapter(base, tmp_path / f"raw{k}", k, str(base)), tmp_path / f"t{k}", f"t{k}", base)
              for k in (1, 2)]
-    check_base(tasks, base)  # the right base passes
+    check_lineage(tasks, base)  # the right base passes
     with pytest.raises(ValueError, match=r"--base .*other is not the model .*t1 was trained from: .*model\."
                                          r"safetensors sha256") as err:
         recall_merge(tasks, None, tmp_path / "out", RecallConfig(k=3), base=other, progress=False)

@@ -140,12 +140,12 @@ def is_bare_base(deployed: Path) -> bool:
 
 def check_adapter_fits_base(drop: Path, base: Path) -> None:
     """Every adapted module of the drop is a weight of the deployed base with the factors' in/out sizes."""
-    from recall_hf.lineage import check_base
+    from recall_hf.lineage import check_lineage
     from recall_hf.lora.compat import load_adapter
     from recall_hf.lora.io import strip_peft_prefix
 
     with rejecting("architecture"):
-        check_base([drop], base)  # the parent hashes a task checkpoint recorded, when it did
+        check_lineage([drop], base)  # the parent hashes a task checkpoint recorded, when it did
     with rejecting("config"):
         adapter = load_adapter(drop)
     reader = CheckpointReader(base)

@@ -12,7 +12,7 @@ from .. import __version__
 from ..card import write_fold_card
 from ..durable import check_output_dir, staged_dir, write_json
 from ..hub import resolve_model
-from ..lineage import resolve_base as resolve_checked_base
+from ..lineage import checked_base
 from ..modeldir import ADAPTER_CONFIG, RECALL_JSON, copy_aux_files, task_count, weight_hashes
 from ..models import load_config, load_model, quiet_transformers, resolve_base
 from .compat import check_adapters, load_adapter
@@ -40,7 +40,7 @@ def fold_adapter(adapter_dir: str | Path, out_dir: str | Path, base: str | Path 
     from peft import PeftModel
 
     adapter_dir, out_dir = resolve_model(adapter_dir), Path(out_dir)
-    base = resolve_checked_base(base, [adapter_dir])  # a Hub id resolved; checked against the recorded parent
+    base = checked_base(base, [adapter_dir])  # a Hub id resolved; checked against the recorded parent
     check_output_dir(out_dir)
     adapter = load_adapter(adapter_dir)
     base_name = resolve_base(check_adapters([adapter], base))
