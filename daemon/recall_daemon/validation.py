@@ -119,10 +119,9 @@ def check_full_architecture(drop: Path, deployed: Path, reader: CheckpointReader
 
 
 def check_adapter_architecture(drop: Path, deployed: Path) -> None:
-    try:
-        from recall_hf.lora.compat import check_adapters, load_adapter
-    except ImportError as err:
-        raise DropRejected("layout", f"adapter drops need recall_hf.lora ({err}).") from None
+    # A failing import is a broken install, not a bad drop: it must stop the daemon, never quarantine drops.
+    from recall_hf.lora.compat import check_adapters, load_adapter
+
     with rejecting("config"):
         json.loads((drop / ADAPTER_CONFIG).read_text())
         new = load_adapter(drop)
