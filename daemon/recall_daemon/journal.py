@@ -20,7 +20,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from recall_hf.durable import fsync_dir, write_json
@@ -47,6 +47,7 @@ class JournalEntry:
     started: str = ""
     updated: str = ""
     merge_seconds: float = 0.0
+    gates: dict = field(default_factory=dict)  # the promotion gates' results (gate.py), for the ledger line
 
     def advance(self, state: str, **changes) -> JournalEntry:
         if state not in STATES:
