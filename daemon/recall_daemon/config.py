@@ -114,7 +114,7 @@ class DaemonConfig:
     hook_backoff: float = field(default=2.0, metadata={"help": "Seconds before a hook's first retry (doubling)."})
     hook_timeout: float = field(default=60.0, metadata={"help": "Seconds one hook attempt may take."})
     adapter_max_rank: int | None = field(default=64, metadata={"help": "Cap of the deployed adapter rank (0: none)."})
-    gate: str | None = field(default=None, metadata={"help": "Shell command evaluating a staged version (0: publish)."})
+    gate: str | None = field(default=None, metadata={"help": "Shell command judging a staged version (0: publish)."})
     gate_timeout: float = field(default=3600.0, metadata={"help": "Seconds the gate command may run."})
     fingerprint_gate: bool = field(default=True, metadata={"help": "Refuse merges that regress an earlier task."})
     regression_margin: float = field(default=0.1, metadata={"help": "Allowed rise of an earlier task's divergence."})

@@ -10,8 +10,9 @@ merged and gated again. A version that did not pass its gates is never published
   more than `regression_margin` is a regression: the drop is quarantined with check `regression` and the scores.
   The live side comes from the same merge's `keep` candidate: the live model replayed on the same fingerprints with
   the same code, so it costs no extra forward pass and compares like with like (it equals what the live version
-  recorded when it was made, unless the drop replaced a task's fingerprint). Without calibrate there are no
-  fingerprint scores and this gate does not apply.
+  recorded when it was made, unless the drop replaced a task's fingerprint; a search without `keep` falls back to
+  that record). The staged side is the chosen candidate's score as searched (fp32, before the output is cast to
+  `recall.dtype`). Without calibrate there are no fingerprint scores and this gate does not apply.
 - **Command gate** (`--gate CMD`): the operator's own evaluation runs on the staged folder (`RECALL_VERSION_DIR`,
   see `gate_environment`); exit 0 publishes, anything else (or running past `gate_timeout`) quarantines the drop
   with check `gate`, its exit code and the tail of its output. The command comes from the daemon's settings and
@@ -84,9 +85,12 @@ class Regression:
                 + "; raise regression_margin or turn the gate off (--no-fingerprint-gate) to publish it anyway.")
 
 
-def check_regression(calibration: dict, margin: float) -> Regression:
-    """Compare the chosen fold with the live version (`keep`) on every task the live version already carries."""
+def check_regression(calibration: dict, margin: float, recorded: dict | None = None) -> Regression:
+    """Compare the chosen fold with the live version on every task the live version already carries: its `keep`
+    candidate, or (a search without one) the divergence the live version `recorded` when it was made."""
     staged, live = candidate_divergence(calibration), candidate_divergence(calibration, "keep")
+    if not live and recorded:
+        live = {str(t): float(v) for t, v in recorded.items() if isinstance(v, (int, float))}
     earlier = sorted(set(live) & set(staged) - {calibration.get("new_task")})
     live = {t: live[t] for t in earlier}
     worse = {t: staged[t] - live[t] for t in earlier if staged[t] - live[t] > margin}

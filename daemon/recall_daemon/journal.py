@@ -3,7 +3,8 @@
 States, in order:
 
 - `idle`: nothing in flight (also what a missing journal means).
-- `intent`: a drop is being merged into `versions/<version>.tmp-<pid>`; nothing visible changed yet.
+- `intent`: a drop is being merged into `versions/<version>.tmp-<pid>` and gated (gate.py); nothing visible changed
+  yet.
   Recovery: delete the staging dir; the drop is still in the drop folder and is merged again.
 - `merged`: the staged version is complete, validated and fsynced; the rename into `versions/<version>` and the
   switch of `current` may or may not have happened. Recovery: finish the rename and the switch, then as `published`.

@@ -1,8 +1,9 @@
 """The journaled publisher: a drop's merge goes `intent -> merged -> published -> idle` (RELIABILITY rules 4, 6, 12).
 
 - `begin`: journal `intent` (nothing visible yet; the staging dir is `versions/vNNNN.tmp-<pid>/`).
-- `build`: RECALL merge of the live version and the taken drop into the staging dir, model card, post-merge
-  validation. Interruptible: a stop or a failure `abandon`s the staging dir and the journal goes back to idle.
+- `build`: RECALL merge of the live version and the taken drop into the staging dir, the fingerprint gate, model
+  card, post-merge validation, the `--gate` command (gate.py). Interruptible: a stop or a failure `abandon`s the
+  staging dir and the journal goes back to idle; a crash leaves `intent`, so nothing ungated is ever published.
 - `seal`: fsync everything, journal `merged`.
 - `publish`: under `publish.lock`, rename to `versions/vNNNN`, fsync, switch `current`, journal `published`
   (False when `current` moved meanwhile: a rollback; the drop is merged again on top of it).
@@ -136,9 +137,9 @@ class Publisher:
         if not calibration:
             self.pending_gates["fingerprint"] = {"result": "not applicable (calibrate is off)"}
             return {}
-        divergence = candidate_divergence(calibration)
+        divergence, parent = candidate_divergence(calibration), self.store.version_info(entry.parent)
         if self.config.fingerprint_gate:
-            verdict = check_regression(calibration, self.config.regression_margin)
+            verdict = check_regression(calibration, self.config.regression_margin, parent.get("divergence"))
             self.metrics.gate_checks.labels("fingerprint", "passed" if verdict.passed else "failed").inc()
             self.last_gate = {"gate": "fingerprint", "version": entry.version, "drop": entry.drop,
                               "result": "passed" if verdict.passed else "failed", "time": now_iso()}
@@ -147,7 +148,6 @@ class Publisher:
             self.pending_gates["fingerprint"] = {"result": "passed", **verdict.details()}
         else:
             self.pending_gates["fingerprint"] = {"result": "off"}
-        parent = self.store.version_info(entry.parent)
         return {"divergence": {t: round(v, 6) for t, v in sorted(divergence.items())},
                 "retention": retention_history(parent, entry.version, created, divergence),
                 "gates": {"fingerprint": self.pending_gates["fingerprint"]}}

@@ -15,7 +15,7 @@ from daemon_helpers import SAMPLES, assert_consistent, make_drop, wait_exit
 from huggingface_hub import ModelCard
 
 from recall_daemon.cli import build_config, build_parser, collect_status, main
-from recall_daemon.gate import LOG_BYTES, GATE_LOGS, _Tail, check_regression, env_value
+from recall_daemon.gate import GATE_LOGS, LOG_BYTES, _Tail, check_regression, env_value
 from recall_daemon.journal import INTENT
 from recall_daemon.modelcard import RETENTION_PLOT
 from recall_daemon.store import REASON_NAME
@@ -198,6 +198,8 @@ def test_regression_compares_earlier_tasks_only_and_output_is_bounded():
     verdict = check_regression(cal, 0.05)
     assert verdict.worse == {"old": pytest.approx(0.09)} and verdict.details()["tasks"]["old"]["live"] == 0.2
     assert "'new'" not in verdict.message()
+    no_keep = {**cal, "candidates": [cand("x", 0.29, 0.0)]}  # falls back to what the live version recorded
+    assert check_regression(no_keep, 0.1, {"old": 0.1, "new": 9.0}).worse == {"old": pytest.approx(0.19)}
 
     tail = _Tail(LOG_BYTES)
     with tempfile.TemporaryFile() as f:  # what a pipe delivers, more than the log keeps
