@@ -135,8 +135,7 @@ class Publisher:
     def _fingerprint_gate(self, calibration: dict | None, entry: JournalEntry, created: str) -> dict:
         """Refuse a calibrated merge that regresses an earlier task; the version's retention record otherwise."""
         if not calibration:
-            self.pending_gates["fingerprint"] = {"result": "not applicable (calibrate is off)"}
-            return {}
+            return {}  # calibrate off: no fingerprint scores, the gate does not apply (gate_status says so)
         divergence, parent = candidate_divergence(calibration), self.store.version_info(entry.parent)
         if self.config.fingerprint_gate:
             verdict = check_regression(calibration, self.config.regression_margin, parent.get("divergence"))
