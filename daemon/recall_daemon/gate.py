@@ -26,6 +26,7 @@ Retention: each version's `version.json` records `divergence` (every folded task
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import math
 import os
@@ -259,14 +260,29 @@ def run_command(command: str, env: dict[str, str], timeout: float, log_path: Pat
                 break
             except subprocess.TimeoutExpired:
                 continue
+        code = proc.poll() if code is None else code  # it may have ended just as the time ran out
     finally:
         if proc.poll() is None:
             _kill_group(proc)
-        reader.join(5)
-        proc.stdout.close()
+        _drain(proc, reader)
     text = tail.text()
     write_log(log_path, command, code, time.monotonic() - t0, text)
     return CommandResult(code, time.monotonic() - t0, text[-TAIL_CHARS:], str(log_path))
+
+
+def _drain(proc: subprocess.Popen, reader: threading.Thread) -> None:
+    """Let the reader reach the end of the output. A background child still holding the pipe is killed with the
+    group; the pipe is closed only once nothing reads it (closing an fd a thread reads could hand it another file)."""
+    reader.join(5)
+    if reader.is_alive():
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        reader.join(5)
+    if not reader.is_alive():
+        proc.stdout.close()
+    else:
+        logger.warning("The --gate command left a process holding its output (pid group %d); not waiting for it.",
+                       proc.pid)
 
 
 def _kill_group(proc: subprocess.Popen) -> None:

@@ -175,6 +175,23 @@ def test_kill_9_during_the_gate_recovers_without_publishing(deployment, tmp_path
     assert_consistent(dep, merged=["beta"], quarantined={"alpha": "gate"})
 
 
+def test_sigterm_during_the_gate_kills_it_and_leaves_the_drop_for_the_next_start(deployment, tmp_path):
+    dep, store = deployment, deployment.store
+    dep.add("alpha", seed=1)
+    marker = tmp_path / "gate-running"
+    pid = dep.fork_daemon(gate=f'echo $$ > "{marker}.tmp" && mv "{marker}.tmp" "{marker}" && exec sleep 60')
+    deadline = time.monotonic() + 60
+    while not marker.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert marker.exists(), "the gate never started"
+    os.kill(pid, signal.SIGTERM)
+    assert wait_exit(pid, timeout=30) == 0
+    assert not _alive(int(marker.read_text())), "SIGTERM must kill the gate's process group"
+    assert store.current() == "v0000" and [p.name for p in store.incoming_dir.iterdir()]
+    assert dep.run_once(gate="true") == 0 and store.current() == "v0001"
+    assert_consistent(dep, merged=["alpha"])
+
+
 def test_gate_flags_and_settings(tmp_path):
     args = build_parser().parse_args(["daemon", "--drop", str(tmp_path / "d"), "--deploy", str(tmp_path / "p"),
                                       "--gate", "./eval.sh", "--gate-timeout", "30", "--regression-margin", "0.25",
