@@ -80,8 +80,11 @@ def test_fingerprint_gate_quarantines_a_constructed_regression_and_retention_is_
     card = ModelCard.load(folder / "README.md")
     assert "## Retention" in card.text and f"]({RETENTION_PLOT})" in card.text
     assert "| task | v0001 | v0002 |" in card.text and "| alpha | 0 |" in card.text
-    png = (folder / RETENTION_PLOT).read_bytes()
-    assert png.startswith(b"\x89PNG") and not any(s.encode() in png for s in SAMPLES)
+    assert (folder / RETENTION_PLOT).read_bytes().startswith(b"\x89PNG")
+    published = [p for p in folder.rglob("*") if p.is_file() and not p.relative_to(folder).as_posix().startswith("_")]
+    assert folder / RETENTION_PLOT in published and folder / "version.json" in published
+    for path in published:  # the plot, the retention record and the gates' scores hold no typical-sample text
+        assert not any(s.encode() in path.read_bytes() for s in SAMPLES), path
     assert_consistent(dep, merged=["alpha", "gamma"], quarantined={"beta": "regression"})
 
 
