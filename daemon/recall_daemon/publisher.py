@@ -1,8 +1,9 @@
 """The journaled publisher: a drop's merge goes `intent -> merged -> published -> idle` (RELIABILITY rules 4, 6, 12).
 
 - `begin`: journal `intent` (nothing visible yet; the staging dir is `versions/vNNNN.tmp-<pid>/`).
-- `build`: RECALL merge of the live version and the taken drop into the staging dir, model card, post-merge
-  validation. Interruptible: a stop or a failure `abandon`s the staging dir and the journal goes back to idle.
+- `build`: RECALL merge of the live version and the taken drop into the staging dir, the fingerprint gate, model
+  card, post-merge validation, the `--gate` command (gate.py). Interruptible: a stop or a failure `abandon`s the
+  staging dir and the journal goes back to idle; a crash leaves `intent`, so nothing ungated is ever published.
 - `seal`: fsync everything, journal `merged`.
 - `publish`: under `publish.lock`, rename to `versions/vNNNN`, fsync, switch `current`, journal `published`
   (False when `current` moved meanwhile: a rollback; the drop is merged again on top of it).
@@ -29,6 +30,7 @@ from recall_hf.versions import version_number
 
 from .config import DaemonConfig
 from .faults import crash_point
+from .gate import GATE_LOGS, candidate_divergence, check_regression, gate_environment, retention_history, run_command
 from .hooks import Notifier, notify_published
 from .intake import TakenDrop, check_contents, scan_layout
 from .journal import IDLE, INTENT, MERGED, PUBLISHED, JournalEntry
@@ -76,6 +78,8 @@ class Publisher:
         self.config, self.store, self.metrics, self.stop = config, store, metrics, stop
         self.set_state = set_state
         self.notifier = Notifier()  # serving hooks: background threads, closed by the service on SIGTERM
+        self.pending_gates: dict = {}  # the staged version's gate results, journaled by `seal`
+        self.last_gate: dict | None = None
 
     def announce(self, version: str) -> None:
         """Tell the serving side (`--on-publish`, `--vllm-url`, `--reload-url`) that `version` is live; never waits.
@@ -103,26 +107,74 @@ class Publisher:
             from recall_hf.lora.merge import adopt_adapter
 
             stats = adopt_adapter(drop, stage, self.config.merge_max_rank, self.config.recall.dtype)
-            weights, task_count, kind = None, 1, "adopt-adapter"
+            weights, task_count, kind, calibration = None, 1, "adopt-adapter", None
             write_json(stage / RECALL_JSON, {"kind": "recall-daemon-adapter", "task_count": 1, "parents": [str(drop)],
                                              "created": now_iso(), "sha256": weight_hashes(stage)})
         else:
             report = self._merge(entry, drop, info, stage)
             stats, weights, task_count = report.stats, weight_summary(report.weights), report.output_task_count
-            kind = f"merge-{report.kind}"
+            kind, calibration = f"merge-{report.kind}", report.calibration
         created = now_iso()
+        self.pending_gates = {}
+        retention = self._fingerprint_gate(calibration, entry, created)
         tasks = list(self.store.version_info(entry.parent).get("tasks", []))
         tasks.append({"task": info.task, "name": taken.name, "hash": entry.hash, "time": created,
                       "version": entry.version, "weights": weights})
         record_compression(stage, stats)
         write_version_files(stage, {**version_info(entry.version, entry.parent, created, task_count, tasks, kind),
-                                    **rank_info(stats)})
+                                    **rank_info(stats), **retention})
         apply_umask(stage)  # nothing executable, readable by a server running as another user
         self.set_state(f"validating {entry.version}")
         result = validate_version(stage, info.texts, self.config.validate_samples, self.config.recall.max_length,
                                   self.config.recall.device, self.config.recall.device_map, self.adapter_base())
         logger.info("Version %s validated: forward pass on %d typical samples is finite", entry.version,
                     result["texts"])
+        self._command_gate(entry, info.task, stage)
+
+    # -- promotion gates (gate.py): both run while the journal says `intent` ---------------------------------------
+    def _fingerprint_gate(self, calibration: dict | None, entry: JournalEntry, created: str) -> dict:
+        """Refuse a calibrated merge that regresses an earlier task; the version's retention record otherwise."""
+        if not calibration:
+            return {}  # calibrate off: no fingerprint scores, the gate does not apply (gate_status says so)
+        divergence, parent = candidate_divergence(calibration), self.store.version_info(entry.parent)
+        if self.config.fingerprint_gate:
+            verdict = check_regression(calibration, self.config.regression_margin, parent.get("divergence"))
+            self.metrics.gate_checks.labels("fingerprint", "passed" if verdict.passed else "failed").inc()
+            self.last_gate = {"gate": "fingerprint", "version": entry.version, "drop": entry.drop,
+                              "result": "passed" if verdict.passed else "failed", "time": now_iso()}
+            if not verdict.passed:
+                raise DropRejected("regression", verdict.message(), verdict.details())
+            self.pending_gates["fingerprint"] = {"result": "passed", **verdict.details()}
+        else:
+            self.pending_gates["fingerprint"] = {"result": "off"}
+        return {"divergence": {t: round(v, 6) for t, v in sorted(divergence.items())},
+                "retention": retention_history(parent, entry.version, created, divergence),
+                "gates": {"fingerprint": self.pending_gates["fingerprint"]}}
+
+    def _command_gate(self, entry: JournalEntry, task: str, stage: Path) -> None:
+        """Run `--gate CMD` on the staged version; a non-zero exit (or a timeout) refuses it (check `gate`)."""
+        if not self.config.gate:
+            return
+        self.set_state(f"gating {entry.version}")
+        env = gate_environment(stage, entry.version, self.store.root, entry.parent, entry.drop, entry.hash, task)
+        log = self.store.root / GATE_LOGS / f"{entry.version}-{entry.hash[:12]}.log"
+        result = run_command(self.config.gate, env, self.config.gate_timeout, log, self.stop.check)
+        outcome = "passed" if result.passed else "failed"
+        self.metrics.gate_checks.labels("command", outcome).inc()
+        self.last_gate = {"gate": "command", "version": entry.version, "drop": entry.drop, "result": outcome,
+                          "exit_code": result.exit_code, "time": now_iso()}
+        if not result.passed:
+            raise DropRejected("gate", result.message(self.config.gate_timeout), result.details())
+        logger.info("Version %s passed the --gate command (%.1fs)", entry.version, result.seconds)
+        self.pending_gates["command"] = {"result": "passed", "seconds": round(result.seconds, 3), "log": result.log}
+
+    def gate_status(self) -> dict:
+        """The gates as configured, and the last decision (status.json, `recall-hf status`)."""
+        if not self.config.recall.calibrate:
+            fingerprint = "not applicable: calibrate is off (no fingerprint scores)"
+        else:
+            fingerprint = f"on (margin {self.config.regression_margin:g})" if self.config.fingerprint_gate else "off"
+        return {"fingerprint": fingerprint, "command": self.config.gate, "last": self.last_gate}
 
     def _merge(self, entry: JournalEntry, drop: Path, info: DropInfo, stage: Path):
         """RECALL merge of the live version and the drop into `stage` (adapters capped at `merge_max_rank`)."""
@@ -152,7 +204,8 @@ class Publisher:
 
     def seal(self, entry: JournalEntry, started: float) -> JournalEntry:
         fsync_tree(Path(entry.staging))
-        entry = self.store.journal.write(entry.advance(MERGED, merge_seconds=round(time.monotonic() - started, 3)))
+        entry = self.store.journal.write(entry.advance(MERGED, merge_seconds=round(time.monotonic() - started, 3),
+                                                       gates=self.pending_gates))
         crash_point("merged")
         return entry
 
@@ -190,7 +243,8 @@ class Publisher:
             self.store.ledger.append(Result.MERGED, hash=entry.hash, drop=entry.drop, task=entry.task,
                                      version=entry.version, parent=entry.parent, merge_seconds=entry.merge_seconds,
                                      version_sha256=recorded_hashes(version),
-                                     task_count=self.store.version_info(entry.version).get("task_count"))
+                                     task_count=self.store.version_info(entry.version).get("task_count"),
+                                     **({"gates": entry.gates} if entry.gates else {}))
             self.metrics.ingested.inc()
             if entry.merge_seconds:
                 self.metrics.merge_seconds.observe(entry.merge_seconds)

@@ -31,17 +31,18 @@ logger = logging.getLogger(__name__)
 
 # The checks, in the order they run; also the `reason` label of the quarantine metric.
 CHECKS = ("layout", "code", "recall_json", "config", "weights", "sha256", "architecture", "samples", "finite", "merge",
-          "post_merge")
+          "post_merge", "regression", "gate")
 
 
 class DropRejected(Exception):
     """A drop failed a check: it is quarantined, the deployed model stays as it is."""
 
-    def __init__(self, check: str, message: str):
+    def __init__(self, check: str, message: str, details: dict | None = None):
         if check not in CHECKS:
             raise ValueError(f"Unknown check {check!r}; checks are {', '.join(CHECKS)}.")
         super().__init__(f"{check}: {message}")
         self.check, self.message = check, message
+        self.details = details or {}  # the gates' scores or exit code and output, kept in REASON.json
 
 
 @dataclass

@@ -315,6 +315,7 @@ class Worker:
             "last_error": self.last_error,
             "last_success": self.last_success,
             "hooks": self.publisher.notifier.outcomes[-5:],  # the serving hooks' latest results (background)
+            "gates": self.publisher.gate_status(),  # promotion gates as configured, and the last decision
             "drop_dir": str(self.drop_dir),
             "deploy_dir": str(self.store.root),
             "watcher": self.watcher,
@@ -330,6 +331,7 @@ class Worker:
         live = status["current"]
         if live:
             self.metrics.current_version.set(int(live[1:]))
+            self.metrics.set_divergence(self.store.version_info(live).get("divergence") or {})
         self.store.write_status({**status, "updated": now_iso()})
         self.metrics.write_textfile()
         self._status_written = status
