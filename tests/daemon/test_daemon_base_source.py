@@ -42,7 +42,7 @@ def logits_on(base, adapter_dir) -> torch.Tensor:
         return model.eval()(input_ids=torch.tensor([[1, 5, 9, 3, 7, 2]])).logits
 
 
-def test_base_as_hub_id_is_resolved_once_and_named_by_every_adapter_version(tmp_path, tiny_base, hub_cache):
+def test_base_as_hub_id_is_resolved_once_and_named_by_every_adapter_version(tmp_path, tiny_base, hub_cache):  # noqa: F811
     put_in_cache(hub_cache, "tiny-org/base", tiny_base)
     dep = Deployment(tmp_path, "tiny-org/base")
     assert dep.run_once() == 0
@@ -66,7 +66,7 @@ def test_base_as_hub_id_is_resolved_once_and_named_by_every_adapter_version(tmp_
     assert torch.isfinite(logits_on(tiny_base, dep.store.version_dir("v0002"))).all()
 
 
-def test_unknown_hub_id_is_a_one_line_error_that_leaves_nothing(tmp_path, hub_cache, capsys):
+def test_unknown_hub_id_is_a_one_line_error_that_leaves_nothing(tmp_path, hub_cache, capsys):  # noqa: F811
     config = DaemonConfig(drop_dir=str(tmp_path / "d"), deploy_dir=str(tmp_path / "p"), base="tiny-org/absent")
     with pytest.raises(ValueError, match=r"--base 'tiny-org/absent' is not a local directory.*local cache") as err:
         DaemonService(config).run(once=True)
