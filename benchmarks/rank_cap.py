@@ -14,8 +14,9 @@ what the cap costs in accuracy, on the benchmark's real tasks and model (all-Min
 3. every task's accuracy on the final adapter with the task's own head, the merged rank, and the relative
    compression error (the worst module of the last fold, and the worst over the chain).
 
-Run: ``python -m benchmarks.rank_cap`` (about 10 min on 1 thread); results in
-``benchmarks/results/rank-cap-minilm/`` (``results.json``, ``results.md``).
+Run: ``python -m benchmarks.rank_cap`` (one seed: about 10 min on an idle thread); results in
+``benchmarks/results/rank-cap-minilm/`` (``results.json``, ``results.md``); ``--seeds 1,2 --add-seeds`` adds seeds
+to the results already there.
 """
 
 from __future__ import annotations
@@ -189,9 +190,35 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--seeds", default="0")
+    p.add_argument("--add-seeds", action="store_true", help="keep the seeds already in the results folder (same "
+                   "settings) and add these")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results/rank-cap-minilm)")
     return p.parse_args(argv)
+
+
+SETTINGS = ("tasks", "caps", "rank", "train", "test", "epochs", "lr", "batch_size", "max_length")
+
+
+def earlier_results(out: Path, args: argparse.Namespace) -> tuple[dict, float]:
+    """With `--add-seeds`, the seeds already in `out/results.json` (same settings), and the minutes they took."""
+    path = out / "results.json"
+    if not (args.add_seeds and path.is_file()):
+        return {}, 0.0
+    record = json.loads(path.read_text())
+    differ = [k for k in SETTINGS if record["args"].get(k) != getattr(args, k)]
+    if differ:
+        raise SystemExit(f"{path} was measured with other settings ({', '.join(differ)}); drop --add-seeds.")
+    return {int(k): v for k, v in record["results"].items()}, float(record["minutes"])
+
+
+def report(results: dict, names: list[str], args: argparse.Namespace, minutes: float) -> str:
+    seeds = sorted(results)
+    return (f"# Adapter rank cap vs uncapped: minilm\n\nall-MiniLM-L6-v2, {len(names)} LoRA task adapters "
+            f"(r={args.rank}) folded one at a time as the daemon does (RECALL adapter merge, defaults); "
+            f"{args.train} train / {args.test} test, {args.epochs} epochs, lr {args.lr}, seeds {seeds}, "
+            f"{args.threads} thread(s), {minutes:.1f} min in all. Accuracy with each task's own head; mean over "
+            f"seeds. Stacked rank {len(names) * args.rank}.\n\n{table(results, names)}\n")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -201,28 +228,21 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     transformers.logging.set_verbosity_error()
     names = args.tasks.split(",")
-    stacked = len(names) * args.rank
-    caps = [stacked if c == "stacked" else int(c) for c in args.caps.split(",") if c]
+    caps = [len(names) * args.rank if c == "stacked" else int(c) for c in args.caps.split(",") if c]
+    out = Path(args.out) if args.out else OUT_ROOT / "rank-cap-minilm"
+    results, minutes = earlier_results(out, args)
     base = minilm_dir()
     tok = transformers.AutoTokenizer.from_pretrained(base)
-    seeds = [int(s) for s in args.seeds.split(",")]
     t0 = time.perf_counter()
-    results = {}
     work = Path(tempfile.mkdtemp(prefix="rank-cap-"))
     try:
-        for seed in seeds:
+        for seed in [int(s) for s in args.seeds.split(",")]:
             tasks = [load_task(n, seed) for n in names]
             results[seed] = run_seed(base, tok, tasks, seed, [None, *caps], work / f"seed{seed}", args)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    minutes = (time.perf_counter() - t0) / 60
-    md = (f"# Adapter rank cap vs uncapped: minilm\n\nall-MiniLM-L6-v2, {len(names)} LoRA task adapters "
-          f"(r={args.rank}) folded one at a time as the daemon does (RECALL adapter merge, defaults); "
-          f"{args.train} train / {args.test} test, {args.epochs} epochs, lr {args.lr}, seeds {seeds}, "
-          f"{args.threads} thread(s), {minutes:.1f} min. Accuracy with each task's own head; mean over seeds. "
-          f"Stacked rank {stacked}.\n\n"
-          f"{table(results, names)}\n")
-    out = Path(args.out) if args.out else OUT_ROOT / "rank-cap-minilm"
+    minutes += (time.perf_counter() - t0) / 60
+    md = report(results, names, args, minutes)
     out.mkdir(parents=True, exist_ok=True)
     record = {"args": vars(args), "caps": caps, "tasks": names, "minutes": minutes, "results": results,
               "torch": torch.__version__, "transformers": transformers.__version__}
