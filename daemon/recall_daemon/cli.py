@@ -33,8 +33,8 @@ def _add_daemon_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--drop", dest="drop_dir", default=None, help="drop folder producers write task checkpoints into")
     p.add_argument("--deploy", dest="deploy_dir", default=None,
                    help="deploy folder the daemon owns (versions/, current, ledger.jsonl, quarantine/, status.json)")
-    p.add_argument("--base", default=None, help="model (or adapter) dir published as versions/v0000 when the deploy "
-                   "folder is empty (ignored once it holds a version)")
+    p.add_argument("--base", default=None, help="model (or adapter) dir, or a Hub id resolved from the local cache, "
+                   "published as versions/v0000 when the deploy folder is empty (ignored once it holds a version)")
     p.add_argument("--once", action="store_true", help="process the complete drops pending now, then exit "
                    "(exit 1 when a drop had to be deferred, e.g. for disk space; 3 when a drop was quarantined)")
     p.add_argument("--poll", type=float, default=None, help="seconds between rescans of the drop folder (default 30)")

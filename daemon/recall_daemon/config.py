@@ -27,7 +27,8 @@ class DaemonConfig:
         deploy_dir (`str`):
             Folder the daemon owns: `versions/`, the `current` symlink, ledger, journal, quarantine, status, metrics.
         base (`str`, *optional*, defaults to `None`):
-            Model (or adapter) directory copied to `versions/v0000` when the deploy folder has no version yet.
+            Model (or adapter) directory, or a Hugging Face Hub id (resolved once from the local cache, its commit
+            recorded), copied to `versions/v0000` when the deploy folder has no version yet.
         poll (`float`, *optional*, defaults to `30.0`):
             Seconds between rescans of the drop folder when no file event arrives (events are only hints).
         quiet_period (`float`, *optional*, defaults to `60.0`):
@@ -93,7 +94,7 @@ class DaemonConfig:
 
     drop_dir: str = field(metadata={"help": "Folder producers write task checkpoints into."})
     deploy_dir: str = field(metadata={"help": "Folder the daemon owns (versions, current, ledger, ...)."})
-    base: str | None = field(default=None, metadata={"help": "Model copied to versions/v0000 of an empty deploy."})
+    base: str | None = field(default=None, metadata={"help": "Model dir or Hub id copied to versions/v0000."})
     poll: float = field(default=30.0, metadata={"help": "Seconds between rescans of the drop folder."})
     quiet_period: float = field(default=60.0, metadata={"help": "Seconds unchanged before a marker-less drop counts."})
     keep: int = field(default=3, metadata={"help": "Newest versions kept (plus live, its predecessor, v0000)."})

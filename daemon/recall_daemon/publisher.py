@@ -9,7 +9,12 @@
   (False when `current` moved meanwhile: a rollback; the drop is merged again on top of it).
 - `record` + `complete`: the ledger line naming the content that went live, then journal `idle`.
 
-Also `publish_base`: the base model as `versions/v0000` when a deploy folder is empty.
+Also `publish_base`: the base model as `versions/v0000` when a deploy folder is empty (`--base` a local folder or a
+Hub id, resolved once at start by `resolve_base_source`).
+
+Adapter deployments on a bare base merge every adapter drop against v0000 (the deployment's own base), whatever base
+the drop's `adapter_config.json` names; every adapter version names the deployment's base in
+`base_model_name_or_path` (`deployment_base_name`).
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from pathlib import Path
 
 from recall_hf.durable import apply_umask, fsync_dir, fsync_tree, write_json
 from recall_hf.merge import recall_merge
-from recall_hf.modeldir import NOT_COPIED, RECALL_JSON, is_adapter_dir, read_recall_json, weight_hashes
+from recall_hf.modeldir import ADAPTER_CONFIG, NOT_COPIED, RECALL_JSON, is_adapter_dir, read_recall_json, weight_hashes
 from recall_hf.versions import version_number
 
 from .config import DaemonConfig
@@ -68,6 +73,36 @@ def record_compression(stage: Path, stats: dict) -> None:
     if extra:
         path = stage / RECALL_JSON
         write_json(path, {**json.loads(path.read_text()), **extra})
+
+
+def resolve_base_source(name: str) -> tuple[Path, dict]:
+    """`--base` as a local folder, and where it came from. A Hub id is resolved once, at start, from the local cache
+    (downloaded first when online); its id and the snapshot's commit are returned for the version record.
+
+    Returns:
+        `(folder, origin)`: `origin` is `{"base_model": hub id, "revision": commit}` for a Hub model (also a cache
+        snapshot path given as a folder), else `{}`.
+    """
+    from recall_hf.hub import hub_id_of, looks_like_hub_id, resolve_hub_id
+
+    path = Path(name).expanduser()
+    if not path.exists() and looks_like_hub_id(name):
+        try:
+            path = resolve_hub_id(name)
+        except ValueError as err:
+            raise ValueError(f"--base {err}") from None
+    hub_id = hub_id_of(path) if path.exists() else None
+    if hub_id is None:
+        return path, {}
+    return path, {"base_model": hub_id, "revision": path.name if path.parent.name == "snapshots" else None}
+
+
+def name_base(stage: Path, base_name: str) -> None:
+    """Name the deployment's base in an adapter version: `base_model_name_or_path` and `recall.json`'s `base_model`
+    (neither is a weight file: the recorded sha256 are unaffected)."""
+    for path, key in ((stage / ADAPTER_CONFIG, "base_model_name_or_path"), (stage / RECALL_JSON, "base_model")):
+        if path.is_file():
+            write_json(path, {**json.loads(path.read_text()), key: base_name})
 
 
 class Publisher:
@@ -121,6 +156,8 @@ class Publisher:
         tasks.append({"task": info.task, "name": taken.name, "hash": entry.hash, "time": created,
                       "version": entry.version, "weights": weights})
         record_compression(stage, stats)
+        if info.kind == "adapter" and self.adapter_base() is not None:
+            name_base(stage, self.deployment_base_name())
         write_version_files(stage, {**version_info(entry.version, entry.parent, created, task_count, tasks, kind),
                                     **rank_info(stats), **retention})
         apply_umask(stage)  # nothing executable, readable by a server running as another user
@@ -181,8 +218,10 @@ class Publisher:
         work = stage / "merged"
         # Task-vector fusion measures every task vector from the base (v0000): only for drops fine-tuned from it.
         base = self.store.version_dir("v0000") if self.config.recall.fusion == "task_vector" else None
-        if base is not None and is_adapter_dir(drop):
-            base = None  # adapter merges take their base from adapter_config.json
+        if is_adapter_dir(drop):
+            # Adapters apply to the deployment's base (a bare v0000), not to whatever their adapter_config.json
+            # names; a deployment begun from an adapter v0000 (no full base) keeps that name.
+            base = self.adapter_base()
         # Hashes already known: the drop's were computed while it was taken; every version records its own.
         parent_dir = self.store.version_dir(entry.parent)
         known = {str(d): recorded_hashes(d) for d in [parent_dir] + ([base] if base else [])}
@@ -201,6 +240,19 @@ class Publisher:
         """The deployment's base model when adapter versions run on a bare full-model v0000, else None."""
         v0 = self.store.version_dir("v0000")
         return v0 if v0.is_dir() and not is_adapter_dir(v0) else None
+
+    def deployment_base_name(self) -> str:
+        """What adapter versions name as their base: the Hub id the deployment's base came from (`--base` a Hub id),
+        else the absolute path of `versions/v0000`, which is never pruned and holds the exact weights every adapter
+        version was merged and validated against."""
+        v0 = self.store.version_dir("v0000")
+        try:
+            hub_id = read_recall_json(v0).get("base_model")
+        except (OSError, ValueError):
+            hub_id = None
+        from recall_hf.hub import looks_like_hub_id
+
+        return hub_id if isinstance(hub_id, str) and looks_like_hub_id(hub_id) else str(v0.resolve())
 
     def seal(self, entry: JournalEntry, started: float) -> JournalEntry:
         fsync_tree(Path(entry.staging))
@@ -277,7 +329,9 @@ class Publisher:
         return None
 
     # -- the base -------------------------------------------------------------------------------------------------
-    def publish_base(self, base: Path, probe_texts: list[str] | None) -> str:
+    def publish_base(self, base: Path, probe_texts: list[str] | None, origin: dict | None = None) -> str:
+        """Copy the base model to `versions/v0000` and make it live; `origin` (`resolve_base_source`) is recorded."""
+        origin = origin or {}
         if not base.is_dir():
             raise ValueError(f"--base {base} is not a directory.")
         try:
@@ -290,7 +344,7 @@ class Publisher:
         stage.mkdir()
         try:
             with self.stop.interruptible():
-                self._stage_base(base, stage, kind, probe_texts)
+                self._stage_base(base, stage, kind, probe_texts, origin)
             fsync_tree(stage)
             os.rename(stage, self.store.version_dir("v0000"))
             fsync_dir(self.store.versions_dir)
@@ -299,11 +353,12 @@ class Publisher:
             raise
         self.store.switch_current("v0000")
         self.announce("v0000")
-        self.store.ledger.append(Result.INIT, event="init", version="v0000", kind=kind, source=str(base.resolve()))
+        self.store.ledger.append(Result.INIT, event="init", version="v0000", kind=kind, source=str(base.resolve()),
+                                 **origin)
         logger.info("Initialised %s with the base model %s as v0000 (%s).", self.store.root, base, kind)
         return "v0000"
 
-    def _stage_base(self, base: Path, stage: Path, kind: str, probe_texts: list[str] | None) -> None:
+    def _stage_base(self, base: Path, stage: Path, kind: str, probe_texts: list[str] | None, origin: dict) -> None:
         for p in sorted(base.iterdir()):
             if p.is_file() and p.name not in NOT_COPIED and not p.name.startswith("."):
                 shutil.copy2(p, stage / p.name)  # an operator's base may be a cache snapshot of symlinks
@@ -313,9 +368,10 @@ class Publisher:
             raise ValueError(f"--base {base}: {rej.message}") from None
         created = now_iso()
         write_json(stage / RECALL_JSON, {"kind": "recall-daemon-base", "task_count": 0,
-                                         "source": str(base.resolve()), "created": created,
+                                         "source": str(base.resolve()), **origin, "created": created,
                                          "sha256": weight_hashes(stage)})
-        write_version_files(stage, version_info("v0000", None, created, 0, [], "base", str(base.resolve())))
+        write_version_files(stage, {**version_info("v0000", None, created, 0, [], "base", str(base.resolve())),
+                                    **origin})
         try:
             validate_version(stage, probe_texts or SMOKE_TEXTS, self.config.validate_samples,
                              self.config.recall.max_length, self.config.recall.device, self.config.recall.device_map)
