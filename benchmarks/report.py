@@ -416,7 +416,7 @@ def plot_recall_weights(results: dict, path: Path) -> None:
     """The new model's per-layer RECALL weight (and coefficient for tv=1) at each step, first seed."""
     plt = _plt()
     seed = results["config"]["seeds"][0]
-    runs = [r for r in results["runs"] if r.get("recall") and r["seed"] == seed]
+    runs = [r for r in results["runs"] if r.get("recall") and r.get("family") == "recall" and r["seed"] == seed]
     if not runs:
         return
     cols = min(4, len(runs))
