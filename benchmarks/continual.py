@@ -39,6 +39,7 @@ import math
 import os
 import platform
 import random
+import statistics
 import sys
 import time
 import zlib
@@ -891,8 +892,14 @@ def _split_top(text: str) -> list[str]:
     return items
 
 
-def estimate_seconds(fam: FamilyBase, tasks: dict[str, Prepared], args, n_chain: int, n_from_base: int) -> dict:
-    """Time a training step and an evaluation batch per task, then count steps and evaluations."""
+def estimate_seconds(
+    fam: FamilyBase, tasks: dict[str, Prepared], args, n_chain: int, n_from_base: int, calibrated_k: tuple = ()
+) -> dict:
+    """Time a training step and an evaluation batch per task, then count steps and evaluations.
+
+    ``calibrated_k``: the typical-sample count ``k`` of each calibrated method run (one entry per protocol run);
+    its search replays every folded task's ``k`` samples for each of about ``CALIBRATED_CANDIDATES`` candidates.
+    """
     fam.core.train()
     step_s, eval_s = {}, {}
     for name, t in tasks.items():
@@ -934,6 +941,7 @@ def estimate_seconds(fam: FamilyBase, tasks: dict[str, Prepared], args, n_chain:
         "chain_finetune": chain_ft,
         "evaluation": ev_method * (n_chain + n_from_base) * 0.8,  # cache hits at step 1
         "merging": (n_chain + n_from_base) * T * 3 * state_op,  # merges, fingerprints, RECALL forward passes
+        "calibration": calibration_seconds(calibrated_k, T, statistics.fmean(eval_s.values()), args),
     }
     per_seed["total"] = sum(per_seed.values()) * 1.1
     return {
@@ -943,6 +951,19 @@ def estimate_seconds(fam: FamilyBase, tasks: dict[str, Prepared], args, n_chain:
         "step_seconds": step_s,
         "eval_batch_seconds": eval_s,
     }
+
+
+CALIBRATED_CANDIDATES = 7  # keep, 0.25, 0.5, 0.75, new, and the refinement's midpoints (recall_hf.calibrate)
+
+
+def calibration_seconds(calibrated_k: tuple, n_tasks: int, eval_batch_s: float, args) -> float:
+    """The calibrated searches' replays: at step t every candidate replays the k typical samples of t tasks; plus
+    each step's typical-sample selection over the training texts and the new task's fingerprint."""
+    batches = 0.0
+    for k in calibrated_k:
+        replays = sum(CALIBRATED_CANDIDATES * t * k for t in range(2, n_tasks + 1))
+        batches += (replays + n_tasks * (args.train_n + k)) / args.eval_batch_size
+    return batches * eval_batch_s
 
 
 def run_seed(fam: FamilyBase, args, seed: int, chain: list, from_base: list, results: dict) -> None:
@@ -955,11 +976,12 @@ def run_seed(fam: FamilyBase, args, seed: int, chain: list, from_base: list, res
     for n, t in tasks.items():
         log.info("seed %d task %s: %d train, %d test, %d labels", seed, n, len(t.train), len(t.test), len(t.labels))
     if seed == args.seeds[0]:
-        est = estimate_seconds(fam, tasks, args, len(chain), len(from_base))
+        calibrated_k = tuple(s.options["k"] for s in chain + from_base if s.family == "calibrated")
+        est = estimate_seconds(fam, tasks, args, len(chain), len(from_base), calibrated_k)
         results["estimate"] = est
         log.info(
             "time estimate: %.1f min (%.1f min per seed: task models %.0fs, joint %.0fs, chain fine-tuning "
-            "%.0fs, evaluation %.0fs, merging %.0fs)",
+            "%.0fs, evaluation %.0fs, merging %.0fs, calibrated search %.0fs)",
             est["total"] / 60,
             est["per_seed"]["total"] / 60,
             est["per_seed"]["task_models"],
@@ -967,6 +989,7 @@ def run_seed(fam: FamilyBase, args, seed: int, chain: list, from_base: list, res
             est["per_seed"]["chain_finetune"],
             est["per_seed"]["evaluation"],
             est["per_seed"]["merging"],
+            est["per_seed"]["calibration"],
         )
         print(f"Estimated time: {est['total'] / 60:.1f} min on {torch.get_num_threads()} threads", flush=True)
         if args.dry_run:
