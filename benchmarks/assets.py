@@ -92,6 +92,21 @@ WORDNET_CATEGORIES = {
     8: ("noun.body", "body"),
     12: ("noun.feeling", "feeling"),
 }
+# wordnet-supersense: a wider pool (18 supersenses) that the long stream's wordnet-category subtasks draw from; the
+# first eight are WORDNET_CATEGORIES, so those examples are the same as in the eight-way task.
+WORDNET_SUPERSENSES = {
+    **WORDNET_CATEGORIES,
+    4: ("noun.act", "act"),
+    11: ("noun.event", "event"),
+    28: ("noun.time", "time"),
+    27: ("noun.substance", "substance"),
+    23: ("noun.quantity", "quantity"),
+    10: ("noun.communication", "communication"),
+    9: ("noun.cognition", "cognition"),
+    26: ("noun.state", "state"),
+    21: ("noun.possession", "possession"),
+    14: ("noun.group", "group"),
+}
 TASK_INFO: dict[str, tuple[list[str], str]] = {
     "sentiment": (["positive", "negative"], "Is this movie review snippet positive or negative?"),
     "spam": (["ham", "spam"], "Is this email legitimate (ham) or spam?"),
@@ -99,6 +114,43 @@ TASK_INFO: dict[str, tuple[list[str], str]] = {
     "news-outlet": (list(NEWS_OUTLETS.values()), "Which news outlet published this article?"),
     "wordnet-category": ([w for _, w in WORDNET_CATEGORIES.values()], "Which category does this noun belong to?"),
 }
+POOL_INFO: dict[str, tuple[list[str], str]] = {
+    **TASK_INFO,
+    "wordnet-supersense": ([w for _, w in WORDNET_SUPERSENSES.values()], TASK_INFO["wordnet-category"][1]),
+}
+
+# Subtasks for a long stream (BENCHMARK.md, "A long stream"): a task = a subset of a pool's labels, with its own label
+# words (and, for the encoder, its own head). ``"parent/i"`` -> (pool, label words in the subtask's label order).
+SUBTASKS: dict[str, tuple[str, list[str]]] = {
+    "news-outlet/1": ("news-outlet", ["aljazeera", "tass", "abc"]),
+    "news-outlet/2": ("news-outlet", ["rte", "huffpost", "dw"]),
+    "news-outlet/3": ("news-outlet", ["chinadaily", "bbc", "cnn"]),
+    "health-source/1": ("health-source", ["kaiser", "everyday", "guardian"]),
+    "health-source/2": ("health-source", ["goodhealth", "msn", "wsj"]),
+    "wordnet-category/1": ("wordnet-supersense", ["animal", "plant", "food", "artifact"]),
+    "wordnet-category/2": ("wordnet-supersense", ["person", "location", "body", "feeling"]),
+    "wordnet-category/3": ("wordnet-supersense", ["act", "event", "time", "substance", "quantity"]),
+    "wordnet-category/4": ("wordnet-supersense", ["communication", "cognition", "state", "possession", "group"]),
+}
+# The long stream's fixed order (11 tasks): the sources interleaved so that no two neighbours share a pool.
+LONG_TASKS: tuple[str, ...] = (
+    "sentiment",
+    "news-outlet/1",
+    "wordnet-category/1",
+    "health-source/1",
+    "spam",
+    "news-outlet/2",
+    "wordnet-category/2",
+    "health-source/2",
+    "news-outlet/3",
+    "wordnet-category/3",
+    "wordnet-category/4",
+)
+
+
+def all_task_names() -> tuple[str, ...]:
+    """Every task ``load_task`` accepts: the five benchmark tasks and the long stream's subtasks."""
+    return TASK_NAMES + tuple(SUBTASKS)
 
 
 @dataclass(frozen=True)
@@ -413,8 +465,9 @@ def _news_pool() -> list[tuple[str, int]]:
     return examples
 
 
-def _wordnet_pool() -> list[tuple[str, int]]:
-    """WordNet 3.0 noun synsets: "headword: gloss" -> lexicographer file (eight supersenses, WORDNET_CATEGORIES)."""
+def _wordnet_pool(categories: dict[int, tuple[str, str]] = WORDNET_CATEGORIES) -> list[tuple[str, int]]:
+    """WordNet 3.0 noun synsets: "headword: gloss" -> lexicographer file (``categories``: by default the eight
+    supersenses of WORDNET_CATEGORIES)."""
     if not WORDNET_DATA_NOUN.is_file():
         apt = ["apt-get", "install", "-y", "--no-install-recommends", "wordnet-base"]
         hint = "install the Debian package wordnet-base as root (apt-get install -y wordnet-base)"
@@ -425,7 +478,7 @@ def _wordnet_pool() -> list[tuple[str, int]]:
         except RuntimeError:
             _run(["apt-get", "update"], "apt-get update", hint)
             _run(apt, "apt-get install wordnet-base", hint)
-    label = {lex: i for i, lex in enumerate(WORDNET_CATEGORIES)}
+    label = {lex: i for i, lex in enumerate(categories)}
     examples = []
     with open(WORDNET_DATA_NOUN, encoding="utf-8", errors="replace") as f:
         for line in f:
@@ -445,6 +498,7 @@ _POOLS: dict[str, Callable[[], list[tuple[str, int]]]] = {
     "health-source": _health_pool,
     "news-outlet": _news_pool,
     "wordnet-category": _wordnet_pool,
+    "wordnet-supersense": lambda: _wordnet_pool(WORDNET_SUPERSENSES),
 }
 
 
@@ -455,28 +509,42 @@ def _pool(name: str) -> list[tuple[str, int]]:
         return [(text, label) for text, label in json.loads(path.read_text(encoding="utf-8"))["examples"]]
     start = time.perf_counter()
     examples = _dedupe(_POOLS[name]())
-    labels, instruction = TASK_INFO[name]
+    labels, instruction = POOL_INFO[name]
     record = {"name": name, "labels": labels, "instruction": instruction, "examples": examples}
     _atomic_write(path, json.dumps(record, ensure_ascii=False).encode())
     log.info("prepared %s: %d examples in %.1fs -> %s", name, len(examples), time.perf_counter() - start, path)
     return examples
 
 
+def task_spec(name: str) -> tuple[str, list[str], str, list[int]]:
+    """``(pool, label words, instruction, pool label index of each label)`` of a task or subtask name."""
+    if name in TASK_INFO:
+        labels, instruction = TASK_INFO[name]
+        return name, list(labels), instruction, list(range(len(labels)))
+    if name in SUBTASKS:
+        pool, labels = SUBTASKS[name]
+        pool_labels, instruction = POOL_INFO[pool]
+        return pool, list(labels), instruction, [pool_labels.index(word) for word in labels]
+    raise ValueError(f"unknown task {name!r}; choose one of {', '.join(all_task_names())}")
+
+
 def load_task(name: str, seed: int = 0) -> Task:
     """A task with a seeded, label-balanced split: up to N_TRAIN train and N_TEST test examples, disjoint.
 
-    The split depends only on ``name`` and ``seed`` (string-seeded ``random.Random``), so it is the same on every
-    machine; different seeds draw different train and test sets. Labels with too few examples give fewer.
+    ``name`` is one of TASK_NAMES or a subtask of SUBTASKS (``"news-outlet/1"``: three of the nine outlets, labels
+    renumbered 0..2). The split depends only on ``name`` and ``seed`` (string-seeded ``random.Random``), so it is the
+    same on every machine; different seeds draw different train and test sets. Labels with too few examples give
+    fewer.
     """
-    if name not in TASK_INFO:
-        raise ValueError(f"unknown task {name!r}; choose one of {', '.join(TASK_NAMES)}")
-    labels, instruction = TASK_INFO[name]
+    pool, labels, instruction, pool_labels = task_spec(name)
     rng = random.Random(f"{name}:{seed}")
     train: list[tuple[str, int]] = []
     test: list[tuple[str, int]] = []
     by_label: list[list[str]] = [[] for _ in labels]
-    for text, label in _pool(name):
-        by_label[label].append(text)
+    index = {pool_label: i for i, pool_label in enumerate(pool_labels)}
+    for text, label in _pool(pool):
+        if label in index:
+            by_label[index[label]].append(text)
     k = len(labels)
     for label, texts in enumerate(by_label):
         rng.shuffle(texts)
@@ -486,7 +554,7 @@ def load_task(name: str, seed: int = 0) -> Task:
         train += [(text, label) for text in texts[n_test : n_test + n_train]]
     rng.shuffle(train)
     rng.shuffle(test)
-    return Task(name=name, labels=list(labels), instruction=instruction, train=train, test=test)
+    return Task(name=name, labels=labels, instruction=instruction, train=train, test=test)
 
 
 # --------------------------------------------------------------------------------------------------- main
@@ -500,13 +568,13 @@ def main() -> None:
     print(f"cache: {cache_root()}")
     print(f"smollm2: {smollm2_dir()}")
     print(f"minilm:  {minilm_dir()}")
-    print(f"{'task':<17} {'#lab':>4} {'#train':>6} {'#test':>5}  balance (train)")
+    print(f"{'task':<18} {'#lab':>4} {'#train':>6} {'#test':>5}  balance (train)")
     examples = []
-    for name in TASK_NAMES:
+    for name in all_task_names():
         task = load_task(name)
         counts = Counter(label for _, label in task.train)
         balance = " ".join(f"{word}:{counts[i]}" for i, word in enumerate(task.labels))
-        print(f"{name:<17} {len(task.labels):>4} {len(task.train):>6} {len(task.test):>5}  {balance}")
+        print(f"{name:<18} {len(task.labels):>4} {len(task.train):>6} {len(task.test):>5}  {balance}")
         text, label = task.test[0]
         examples.append(f"  {name}: [{task.labels[label]}] {text[:110]}")
     print("examples (first test item):", *examples, sep="\n")

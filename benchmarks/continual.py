@@ -39,6 +39,7 @@ import math
 import os
 import platform
 import random
+import statistics
 import sys
 import time
 import zlib
@@ -53,11 +54,13 @@ import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from benchmarks import methods as M  # noqa: E402
+from benchmarks.assets import LONG_TASKS  # noqa: E402
 
 log = logging.getLogger("benchmarks.continual")
 
 DEFAULT_TASKS = ("sentiment", "spam", "wordnet-category", "health-source")
 QUICK_TASKS = ("sentiment", "spam", "wordnet-category")
+TASK_PRESETS = {"long": LONG_TASKS}  # --tasks long: the long stream (BENCHMARK.md, "A long stream")
 DEFAULT_CHAIN = "seqft,interp:alpha=0.3|0.5|0.7,recall:tau=0.05|0.5,recall-noprior,recall-norm"
 DEFAULT_FROM_BASE = (
     "mean,interp:alpha=0.3|0.5|0.7,ta:lam=0.3|0.5|1.0,ties:lam=0.5|1.0,dare:lam=0.3|0.5,lines,"
@@ -889,8 +892,14 @@ def _split_top(text: str) -> list[str]:
     return items
 
 
-def estimate_seconds(fam: FamilyBase, tasks: dict[str, Prepared], args, n_chain: int, n_from_base: int) -> dict:
-    """Time a training step and an evaluation batch per task, then count steps and evaluations."""
+def estimate_seconds(
+    fam: FamilyBase, tasks: dict[str, Prepared], args, n_chain: int, n_from_base: int, calibrated_k: tuple = ()
+) -> dict:
+    """Time a training step and an evaluation batch per task, then count steps and evaluations.
+
+    ``calibrated_k``: the typical-sample count ``k`` of each calibrated method run (one entry per protocol run);
+    its search replays every folded task's ``k`` samples for each of about ``CALIBRATED_CANDIDATES`` candidates.
+    """
     fam.core.train()
     step_s, eval_s = {}, {}
     for name, t in tasks.items():
@@ -932,6 +941,7 @@ def estimate_seconds(fam: FamilyBase, tasks: dict[str, Prepared], args, n_chain:
         "chain_finetune": chain_ft,
         "evaluation": ev_method * (n_chain + n_from_base) * 0.8,  # cache hits at step 1
         "merging": (n_chain + n_from_base) * T * 3 * state_op,  # merges, fingerprints, RECALL forward passes
+        "calibration": calibration_seconds(calibrated_k, T, statistics.fmean(eval_s.values()), args),
     }
     per_seed["total"] = sum(per_seed.values()) * 1.1
     return {
@@ -941,6 +951,19 @@ def estimate_seconds(fam: FamilyBase, tasks: dict[str, Prepared], args, n_chain:
         "step_seconds": step_s,
         "eval_batch_seconds": eval_s,
     }
+
+
+CALIBRATED_CANDIDATES = 7  # keep, 0.25, 0.5, 0.75, new, and the refinement's midpoints (recall_hf.calibrate)
+
+
+def calibration_seconds(calibrated_k: tuple, n_tasks: int, eval_batch_s: float, args) -> float:
+    """The calibrated searches' replays: at step t every candidate replays the k typical samples of t tasks; plus
+    each step's typical-sample selection over the training texts and the new task's fingerprint."""
+    batches = 0.0
+    for k in calibrated_k:
+        replays = sum(CALIBRATED_CANDIDATES * t * k for t in range(2, n_tasks + 1))
+        batches += (replays + n_tasks * (args.train_n + k)) / args.eval_batch_size
+    return batches * eval_batch_s
 
 
 def run_seed(fam: FamilyBase, args, seed: int, chain: list, from_base: list, results: dict) -> None:
@@ -953,11 +976,12 @@ def run_seed(fam: FamilyBase, args, seed: int, chain: list, from_base: list, res
     for n, t in tasks.items():
         log.info("seed %d task %s: %d train, %d test, %d labels", seed, n, len(t.train), len(t.test), len(t.labels))
     if seed == args.seeds[0]:
-        est = estimate_seconds(fam, tasks, args, len(chain), len(from_base))
+        calibrated_k = tuple(s.options["k"] for s in chain + from_base if s.family == "calibrated")
+        est = estimate_seconds(fam, tasks, args, len(chain), len(from_base), calibrated_k)
         results["estimate"] = est
         log.info(
             "time estimate: %.1f min (%.1f min per seed: task models %.0fs, joint %.0fs, chain fine-tuning "
-            "%.0fs, evaluation %.0fs, merging %.0fs)",
+            "%.0fs, evaluation %.0fs, merging %.0fs, calibrated search %.0fs)",
             est["total"] / 60,
             est["per_seed"]["total"] / 60,
             est["per_seed"]["task_models"],
@@ -965,6 +989,7 @@ def run_seed(fam: FamilyBase, args, seed: int, chain: list, from_base: list, res
             est["per_seed"]["chain_finetune"],
             est["per_seed"]["evaluation"],
             est["per_seed"]["merging"],
+            est["per_seed"]["calibration"],
         )
         print(f"Estimated time: {est['total'] / 60:.1f} min on {torch.get_num_threads()} threads", flush=True)
         if args.dry_run:
@@ -1083,7 +1108,20 @@ def build_parser() -> argparse.ArgumentParser:
         "  python -m benchmarks.continual --model smollm2 --lora --chain-methods 'seqft,recall:tau=0.05|0.5'",
     )
     p.add_argument("--model", choices=sorted(FAMILY_CLASSES), default="minilm")
-    p.add_argument("--tasks", default=None, help=f"comma list, in training order (default {','.join(DEFAULT_TASKS)})")
+    p.add_argument(
+        "--tasks",
+        default=None,
+        help=f"comma list, in training order (default {','.join(DEFAULT_TASKS)}); subtasks such as news-outlet/1 "
+        "(a subset of a task's labels, see benchmarks/assets.py SUBTASKS); or 'long' for the long stream "
+        "(11 subtasks, BENCHMARK.md)",
+    )
+    p.add_argument(
+        "--order",
+        choices=("fixed", "shuffled"),
+        default="fixed",
+        help="fixed: the --tasks order; shuffled: a seeded permutation of it (--order-seed), the same for every seed",
+    )
+    p.add_argument("--order-seed", type=int, default=0, help="seed of --order shuffled")
     p.add_argument("--train-n", type=int, default=None, help="training examples per task (default 256; quick 64)")
     p.add_argument("--test-n", type=int, default=None, help="test examples per task (default 200; quick 64)")
     p.add_argument("--epochs", type=int, default=None, help="epochs per task (default 2; quick 1)")
@@ -1128,12 +1166,11 @@ def build_parser() -> argparse.ArgumentParser:
 def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     quick = args.quick
     defaults = MODEL_DEFAULTS[args.model]
-    args.tasks = args.tasks.split(",") if args.tasks else list(QUICK_TASKS if quick else DEFAULT_TASKS)
-    from benchmarks.assets import TASK_NAMES
-
-    bad = [t for t in args.tasks if t not in TASK_NAMES]
-    if bad or len(set(args.tasks)) != len(args.tasks) or len(args.tasks) < 2:
-        raise SystemExit(f"--tasks: need >= 2 distinct tasks from {', '.join(TASK_NAMES)}; got {args.tasks}")
+    try:
+        args.tasks = task_order(args.tasks or ",".join(QUICK_TASKS if quick else DEFAULT_TASKS), args.order,
+                                args.order_seed)
+    except ValueError as err:
+        raise SystemExit(f"--tasks: {err}") from None
     args.train_n = args.train_n or (64 if quick else 256)
     args.test_n = args.test_n or (64 if quick else 200)
     args.epochs = args.epochs or (1 if quick else 2)
@@ -1161,6 +1198,31 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     if args.run_name is None:
         args.run_name = f"{args.model}-quick" if quick else f"{args.model}-{time.strftime('%Y%m%d-%H%M%S')}"
     return args
+
+
+def task_order(spec: str, order: str = "fixed", order_seed: int = 0) -> list[str]:
+    """The task sequence of ``--tasks``: a comma list of task/subtask names or a preset (``long``), then for
+    ``order == "shuffled"`` a permutation seeded by ``order_seed`` alone (string-seeded, the same on every machine).
+
+    Raises:
+        ValueError: an unknown name, a repeated task, or fewer than two tasks.
+    """
+    from benchmarks.assets import all_task_names
+
+    names: list[str] = []
+    for item in (s.strip() for s in spec.split(",") if s.strip()):
+        names += list(TASK_PRESETS.get(item, (item,)))
+    valid = all_task_names()
+    bad = [t for t in names if t not in valid]
+    if bad or len(set(names)) != len(names) or len(names) < 2:
+        raise ValueError(
+            f"need >= 2 distinct tasks from {', '.join(valid)} or a preset ({', '.join(TASK_PRESETS)}); got {names}"
+        )
+    if order == "shuffled":
+        random.Random(f"order:{order_seed}").shuffle(names)
+    elif order != "fixed":
+        raise ValueError(f"order must be fixed or shuffled, got {order!r}")
+    return names
 
 
 def main(argv: list[str] | None = None) -> dict:
