@@ -315,13 +315,58 @@ def _delta_and_deploy(model, deployed: Path, parent: Path, layer_map: LayerMap):
     return delta, layers
 
 
-def _check_profile(profile, n_layers: int) -> torch.Tensor | None:
+def check_profile(profile, n_layers: int) -> torch.Tensor | None:
     if profile is None:
         return None
     t = torch.as_tensor(profile, dtype=torch.float64).flatten()
     if t.numel() != n_layers or not torch.isfinite(t).all() or (t < 0).any():
         raise ValueError(f"profile must hold {n_layers} finite weights >= 0 (one per layer 0..L), got {t.tolist()}.")
     return t
+
+
+def search_loaded(
+    model, deploy: Callable, n_layers: int, fingerprints: Mapping[str, Fingerprint], tw: Mapping[str, float],
+    profile: torch.Tensor | None, config: CalibrationConfig, from_base: bool, timings: dict[str, float],
+) -> tuple[Candidate, list[Candidate]]:
+    """The search on a working model that holds N: score N, `deploy(model)` (moves it to D in place and returns
+    `(delta, layers)`), then every candidate `D + a_l * delta`. Shared by full models and LoRA adapters.
+
+    Returns:
+        `(chosen, candidates)`; `timings` gains `score_new`, `delta` and `search`.
+    """
+    t = time.perf_counter()
+    scores = score_tasks(model, fingerprints, config.batch_size)
+    new_cand = Candidate("new", "new", None, None if from_base else [1.0] * n_layers,
+                         {k: asdict(s) for k, s in scores.items()}, objective(scores, tw))
+    timings["score_new"] = time.perf_counter() - t
+    t = time.perf_counter()
+    delta, layers = deploy(model)
+    timings["delta"] = time.perf_counter() - t
+    t = time.perf_counter()
+    search = FoldSearch(model, delta, layers, n_layers, fingerprints, tw, config.batch_size)
+    del delta  # the search holds the only reference: released with it
+    search.register(new_cand, None if from_base else torch.ones(n_layers, dtype=torch.float64))
+    chosen = search_fold(search, profile, config, n_layers)
+    timings["search"] = time.perf_counter() - t
+    return chosen, search.candidates
+
+
+def fold_report(
+    from_base: bool, inputs: list[Path], new_task: str | None, tw: Mapping[str, float], profile: torch.Tensor | None,
+    config: CalibrationConfig, candidates: list[Candidate], chosen: Candidate, timings: dict[str, float],
+) -> dict:
+    """The search's report: protocol, inputs, weights, every candidate with its per-task scores, the chosen one."""
+    logger.info("Calibrated fold chose %s (objective %.5f) of %d candidates in %.1fs", chosen.name,
+                chosen.objective, len(candidates), timings["total"])
+    return {
+        "protocol": "from-base" if from_base else "chain", "inputs": [str(p) for p in inputs], "new_task": new_task,
+        "task_weights": dict(tw), "profile": None if profile is None else profile.tolist(), "config": asdict(config),
+        "candidates": [asdict(c) for c in candidates], "chosen": asdict(chosen), "timings": timings,
+    }
+
+
+def chosen_coefficients(chosen: Candidate) -> torch.Tensor | None:
+    return torch.tensor(chosen.coefficients, dtype=torch.float64) if chosen.coefficients is not None else None
 
 
 def calibrated_fold(
@@ -362,32 +407,13 @@ def calibrated_fold(
     model = load_task_model(new, config.device)
     layer_map = layer_map or LayerMap.from_model(model)
     n = layer_map.num_layers + 1
-    profile = _check_profile(profile, n)
+    profile = check_profile(profile, n)
     timings = {"load": time.perf_counter() - t0}
-    t = time.perf_counter()
-    scores = score_tasks(model, fingerprints, config.batch_size)
-    new_cand = Candidate("new", "new", None, None if from_base else [1.0] * n,
-                         {k: asdict(s) for k, s in scores.items()}, objective(scores, tw))
-    timings["score_new"] = time.perf_counter() - t
-    t = time.perf_counter()
-    delta, layers = _delta_and_deploy(model, deployed, parent, layer_map)
-    timings["delta"] = time.perf_counter() - t
-    t = time.perf_counter()
-    search = FoldSearch(model, delta, layers, n, fingerprints, tw, config.batch_size)
-    del model, delta  # the search holds the only references: released with it below
-    search.register(new_cand, None if from_base else torch.ones(n, dtype=torch.float64))
-    chosen = search_fold(search, profile, config, n)
-    timings["search"] = time.perf_counter() - t
-    candidates = search.candidates
-    del search
+    chosen, candidates = search_loaded(
+        model, lambda m: _delta_and_deploy(m, deployed, parent, layer_map), n, fingerprints, tw, profile, config,
+        from_base, timings)
+    del model
     timings["total"] = time.perf_counter() - t0
     inputs = [parent, deployed, new] if from_base else [deployed, new]
-    report = {
-        "protocol": "from-base" if from_base else "chain", "inputs": [str(p) for p in inputs], "new_task": new_task,
-        "task_weights": tw, "profile": None if profile is None else profile.tolist(), "config": asdict(config),
-        "candidates": [asdict(c) for c in candidates], "chosen": asdict(chosen), "timings": timings,
-    }
-    logger.info("Calibrated fold chose %s (objective %.5f) of %d candidates in %.1fs", chosen.name,
-                chosen.objective, len(candidates), timings["total"])
-    coefs = torch.tensor(chosen.coefficients, dtype=torch.float64) if chosen.coefficients is not None else None
-    return CalibratedFold(inputs, merge_weights(coefs, n, from_base), chosen, report)
+    report = fold_report(from_base, inputs, new_task, tw, profile, config, candidates, chosen, timings)
+    return CalibratedFold(inputs, merge_weights(chosen_coefficients(chosen), n, from_base), chosen, report)

@@ -55,7 +55,7 @@ class RecallConfig:
             `task_vector`: `theta_base + sum_k c_k (theta_k - theta_base)` with `c = (w/m) / max(w/m)` per layer;
             needs the common base model, for task models each fine-tuned from that base.
         calibrate (`bool`, *optional*, defaults to `False`):
-            Calibrated fold (SPEC 2.7, full models, two models): search candidate folds of the newest model into
+            Calibrated fold (SPEC 2.7, two models or two LoRA adapters): search candidate folds of the newest model into
             the deployed one and keep the one closest to every folded task's fingerprint; the output carries
             every task's fingerprint. Needs `recall-hf task-checkpoint` on the new model. `False`: the paper's rule.
         normalize_depth (`bool`, *optional*, defaults to `False`):
@@ -105,8 +105,8 @@ class RecallConfig:
     )
     calibrate: bool = field(
         default=False,
-        metadata={"help": "Calibrated fold: pick the fold closest to every task's fingerprint (full models, 2 models; "
-                  "--base DIR for the from-base form). The output keeps every task's fingerprint."},
+        metadata={"help": "Calibrated fold: pick the fold closest to every task's fingerprint (2 models or 2 LoRA "
+                  "adapters; --base DIR for the from-base form). The output keeps every task's fingerprint."},
     )
     normalize_depth: bool = field(default=False, metadata={"help": "Rescale layer divergences by their spread."})
     batch_size: int = field(default=8, metadata={"help": "Batch size of the forward passes."})

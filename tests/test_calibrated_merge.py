@@ -69,8 +69,6 @@ def test_calibrate_setting_reaches_cli_daemon_and_trainer():
 
 def test_refusals_are_one_line(tmp_path, stream):
     _, dirs, _ = stream
-    with pytest.raises(ValueError, match="not implemented for LoRA"):
-        check_calibrate("adapter", [dirs["PREV"], dirs["NEW"]])
     with pytest.raises(ValueError, match="exactly 2 models"):
         check_calibrate("full", [dirs["BASE"], dirs["PREV"], dirs["NEW"]])
     with pytest.raises(ValueError, match="recall-hf task-checkpoint"):
