@@ -36,7 +36,8 @@ def fold_plan(plan: MergePlan, fingerprints: dict[str, Fingerprint]) -> Calibrat
     """Search the fold of the newest model into the deployed one, RECALL's newest-model weights as the profile
     (adapters: the strategy's own `calibrated_fold` on the bare base)."""
     new_task = load_fingerprint(plan.models[-1] / FINGERPRINT_NAME).task
-    config = CalibrationConfig(batch_size=plan.config.batch_size, device=plan.config.device)
+    config = CalibrationConfig(batch_size=plan.config.batch_size, device=plan.config.device,
+                               screen_samples=plan.config.calibrate_screen)
     if plan.kind == "adapter":
         return plan.strategy.calibrated_fold(fingerprints, new_task, plan.coefficients[:, -1], config)
     base = getattr(plan.strategy, "base", None)

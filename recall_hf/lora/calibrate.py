@@ -171,9 +171,9 @@ def adapter_fold(
         direction = {k: v for k, v in direction.items() if torch.count_nonzero(v)}
         return direction, {k: layer_map.layer_of(k) for k in direction}
 
-    chosen, candidates = search_loaded(model, deploy, n, fingerprints, tw, profile, config, from_base, timings)
+    found = search_loaded(model, deploy, n, fingerprints, tw, profile, config, from_base, timings)
     timings["total"] = time.perf_counter() - t0
     inputs = [Path(deployed.dir), Path(new.dir)]
-    report = fold_report(from_base, inputs, new_task, tw, profile, config, candidates, chosen, timings)
-    fold_weights = merge_weights(chosen_coefficients(chosen), n, from_base)[:, -2:]
-    return CalibratedFold(inputs, fold_weights, chosen, report)
+    report = fold_report(from_base, inputs, new_task, tw, profile, config, found, timings)
+    fold_weights = merge_weights(chosen_coefficients(found[0]), n, from_base)[:, -2:]
+    return CalibratedFold(inputs, fold_weights, found[0], report)

@@ -25,7 +25,7 @@ pytest_plugins = ["lora.fixtures"]
 
 SMALL = FingerprintConfig(top_k=8, steps=3, max_length=32, batch_size=8)
 OLD_TEXTS, NEW_TEXTS = PROBES[:3], PROBES[3:]
-FAST = CalibrationConfig(alphas=(0.5,), scales=(1.0,))
+FAST = CalibrationConfig(alphas=(0.5,), scales=(1.0,), prune=False)  # every candidate scored in full
 LORA = dict(task_type="CAUSAL_LM", lora_dropout=0.0, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
 
 
@@ -132,7 +132,7 @@ def test_cli_calibrated_adapter_merge_then_three_tasks(pair, bases, tmp_path, ca
     assert (out / FINGERPRINTS_DIR).is_dir() and (out / "adapter_model.safetensors").is_file()
     assert main(["merge", str(out), str(third), "--calibrate", "--out", str(out2), *fast]) == 0
     cal = json.loads((out2 / "recall_report.json").read_text())["calibration"]
-    assert all(sorted(c["scores"]) == ["new", "old", "third"] for c in cal["candidates"])
+    assert all(sorted(c["scores"]) == ["new", "old", "third"] for c in cal["candidates"] if not c["pruned"])
     assert sorted(read_fingerprints(out2)) == ["new", "old", "third"]
 
 
@@ -146,7 +146,7 @@ def test_chain_folds_modules_to_save_of_a_classifier(bases, tmp_path):
     cal = report.calibration
     assert read_fingerprints(old)["old"].kind == "classifier" and report.stats["modules_to_save_tensors"] > 0
     cands = _by_name_report(cal)
-    assert cands["keep"]["scores"]["old"]["divergence"] < 1e-8 < cands["keep"]["scores"]["new"]["divergence"]
+    assert cands["keep"]["scores"]["old"]["divergence"] < 1e-8 < cands["keep"]["objective"]
     fps = {**read_fingerprints(old), **read_fingerprints(new)}
     model = PeftModel.from_pretrained(load_base(bases["bert"]), tmp_path / "o").eval()
     got = sum(cal["task_weights"][t] * s.divergence for t, s in score_tasks(model, fps).items())
