@@ -379,7 +379,8 @@ def check_profile(profile, n_layers: int) -> torch.Tensor | None:
 
 
 def _scored(name: str, family: str, param, coefficients, scores: Mapping[str, TaskScore], tw) -> Candidate:
-    return Candidate(name, family, param, coefficients, {k: asdict(s) for k, s in scores.items()}, objective(scores, tw))
+    return Candidate(name, family, param, coefficients, {k: asdict(s) for k, s in scores.items()},
+                     objective(scores, tw))
 
 
 def _finals(search: FoldSearch, new_full: Candidate | None, config: CalibrationConfig,

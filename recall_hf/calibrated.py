@@ -2,9 +2,10 @@
 
 `recall_hf.merge` calls these when `RecallConfig.calibrate` is on: `check_calibrate` before any work,
 `fold_plan` between the plan and fusion (D = the deployed model, the second-to-last input; N = the newest; P = the
-`--base` model in the from-base form, else D; LoRA adapters fold on their base, `lora.calibrate`), and `carry_fingerprints` into the staged output, so the next merge
-scores its candidates against every task folded so far. The fingerprints hold the typical samples' token ids: the
-output's `_recall_private/fingerprints/` is private to the deployment, like `recall_samples.jsonl`.
+`--base` model in the from-base form, else D; LoRA adapters fold on their base, `lora.calibrate`), and
+`carry_fingerprints` into the staged output, so the next merge scores its candidates against every task folded so far.
+The fingerprints hold the typical samples' token ids: the output's `_recall_private/fingerprints/` is private to the
+deployment, like `recall_samples.jsonl`.
 """
 
 from __future__ import annotations

@@ -55,8 +55,8 @@ class RecallConfig:
             `task_vector`: `theta_base + sum_k c_k (theta_k - theta_base)` with `c = (w/m) / max(w/m)` per layer;
             needs the common base model, for task models each fine-tuned from that base.
         calibrate (`bool`, *optional*, defaults to `False`):
-            Calibrated fold (SPEC 2.7, two models or two LoRA adapters): search candidate folds of the newest model into
-            the deployed one and keep the one closest to every folded task's fingerprint; the output carries
+            Calibrated fold (SPEC 2.7, two models or two LoRA adapters): search candidate folds of the newest model
+            into the deployed one and keep the one closest to every folded task's fingerprint; the output carries
             every task's fingerprint. Needs `recall-hf task-checkpoint` on the new model. `False`: the paper's rule.
         calibrate_screen (`int`, *optional*, defaults to `0`):
             With `calibrate`: score every candidate on this many samples per task, then only the best 2 on all of

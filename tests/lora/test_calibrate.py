@@ -65,7 +65,8 @@ def test_dense_deltas_are_the_updates_peft_applies(bases, tmp_path, arch, kwargs
     adapter = make_adapter(bases[arch], tmp_path / "a", 5, task_type="CAUSAL_LM", r=4, lora_alpha=8, **kwargs)
     model, adapter_ = load_base(bases[arch]), load_adapter(adapter)
     got = adapter_deltas(model, adapter_, full_tensor_bases(model, [adapter_]))
-    expected = {k.removeprefix("base_model.model.") + ".weight": v for k, v in lora_deltas(bases[arch], adapter).items()}
+    peft_deltas = lora_deltas(bases[arch], adapter)
+    expected = {k.removeprefix("base_model.model.") + ".weight": v for k, v in peft_deltas.items()}
     assert sorted(got) == sorted(expected)
     for name, delta in expected.items():
         torch.testing.assert_close(got[name], delta, rtol=1e-4, atol=1e-6, msg=name)
@@ -99,7 +100,7 @@ def test_calibrated_adapter_merge_writes_the_chosen_candidate(pair, tmp_path):
     assert {"keep", "new", "constant:0.5", "profile:1"} <= set(cands)
     a = torch.tensor(cal["chosen"]["coefficients"])
     assert report.stats["fusion_weights"] == torch.stack([1 - a, a], -1).tolist()
-    assert sorted(read_fingerprints(tmp_path / "o")) == ["new", "old"] and report.stats["fingerprints"] == ["new", "old"]
+    assert sorted(read_fingerprints(tmp_path / "o")) == ["new", "old"] == report.stats["fingerprints"]
     fps = {**read_fingerprints(old), **read_fingerprints(new)}
     got = _peft_objective(base, tmp_path / "o", fps, cal["task_weights"])
     assert got == pytest.approx(cal["chosen"]["objective"], rel=1e-3, abs=1e-6)
@@ -139,7 +140,8 @@ def test_cli_calibrated_adapter_merge_then_three_tasks(pair, bases, tmp_path, ca
 def test_chain_folds_modules_to_save_of_a_classifier(bases, tmp_path):
     """A BERT classifier's trained head (modules_to_save) is folded as a full tensor; the written adapter, loaded by
     PEFT, scores like the chosen candidate."""
-    kw = dict(task_type="SEQ_CLS", r=2, lora_alpha=4, target_modules=["query", "value"], modules_to_save=["classifier"])
+    kw = dict(task_type="SEQ_CLS", r=2, lora_alpha=4, target_modules=["query", "value"],
+              modules_to_save=["classifier"])
     old = _checkpoint(make_adapter(bases["bert"], tmp_path / "OLD", 21, **kw), OLD_TEXTS, "old")
     new = _checkpoint(make_adapter(bases["bert"], tmp_path / "NEW", 22, **kw), NEW_TEXTS, "new")
     report = recall_merge([old, new], None, tmp_path / "o", RecallConfig(k=3, calibrate=True), progress=False)
