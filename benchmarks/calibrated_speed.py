@@ -3,7 +3,7 @@ with one thread, phases reported.
 
 Inputs (built once under ``$RECALL_HF_CACHE/calibrated-speed/MODEL``): D = the model with seeded noise, a task
 checkpoint of the ``sentiment`` task's texts; N = D with more seeded noise, a task checkpoint of ``spam``'s texts (32
-typical samples each, fingerprints included). Each measurement is one merge ``[D, N]`` in a fresh child process
+typical samples each, of the task's first 256 training texts, 96 for SmolLM2; fingerprints included). Each measurement is one merge ``[D, N]`` in a fresh child process
 (``torch.set_num_threads(1)``, inputs in the page cache, the order alternating across repeats): ``plain``
 (``calibrate=False``) and ``calibrated`` (``calibrate=True``, chain form), timed by the merge's own report
 (``timings``; the calibration's own phases from ``calibration.timings``). ``--code DIR`` adds another checkout's
@@ -74,7 +74,7 @@ def build_inputs(model_name: str) -> tuple[Path, Path]:
         folder.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(folder)
         tok.save_pretrained(folder)
-        texts = [t for t, _ in assets.load_task(task).train][:256]
+        texts = [t for t, _ in assets.load_task(task).train][: 256 if model_name == "minilm" else 96]
         make_task_checkpoint(folder, texts, task=task, overwrite=True)
     return d, n
 

@@ -243,10 +243,12 @@ class FoldSearch:
         self.candidates.append(candidate)
         return candidate
 
-    def bound(self) -> float | None:
-        """The best objective of the candidates scored in full that have coefficients (the ones the family and group
-        searches compare), or `None`: a candidate above it can change no decision of the search."""
-        full = [c.objective for c in self.candidates if c.coefficients is not None and not c.pruned]
+    def bound(self, top: float) -> float | None:
+        """The best objective of the candidates scored in full whose coefficients the family grid holds (all in
+        `[0, top]`: the ones the family and group searches compare), or `None`. A candidate above it can change no
+        decision of the search, so its replay may stop there."""
+        full = [c.objective for c in self.candidates
+                if c.coefficients is not None and not c.pruned and max(c.coefficients) <= top]
         return min(full) if full else None
 
     def task_order(self) -> list[str]:
@@ -294,12 +296,12 @@ def _family_search(search: FoldSearch, profile: torch.Tensor | None, config: Cal
     results = {}
     for family, (grid, coefs) in families.items():
         for v in grid:
-            results[family, v] = search.evaluate(f"{family}:{v:g}", family, v, coefs(v), search.bound())
+            results[family, v] = search.evaluate(f"{family}:{v:g}", family, v, coefs(v), search.bound(top))
     if config.refine:
         (family, best), _ = min(results.items(), key=lambda kv: kv[1].objective)
         grid, coefs = families[family]
         for v in midpoints(grid, best):
-            search.evaluate(f"{family}:{v:g}", family, v, coefs(v), search.bound())
+            search.evaluate(f"{family}:{v:g}", family, v, coefs(v), search.bound(top))
 
 
 def _group_search(search: FoldSearch, start: Candidate, config: CalibrationConfig, n: int) -> None:
@@ -321,7 +323,8 @@ def search_fold(
     search: FoldSearch, profile: torch.Tensor | None, config: CalibrationConfig, n_layers: int
 ) -> Candidate:
     """Run the whole search on a `FoldSearch` (the caller registers the new model's endpoint first); the best."""
-    search.evaluate("keep", "keep", 0.0, torch.zeros(n_layers, dtype=torch.float64), search.bound())
+    search.evaluate("keep", "keep", 0.0, torch.zeros(n_layers, dtype=torch.float64),
+                    search.bound(config.max_coefficient))
     _family_search(search, profile, config, n_layers)
     if config.layer_groups:
         start = min((c for c in search.candidates if c.coefficients is not None), key=lambda c: c.objective)
