@@ -3,7 +3,8 @@ with one thread, phases reported.
 
 Inputs (built once under ``$RECALL_HF_CACHE/calibrated-speed/MODEL``): D = the model with seeded noise, a task
 checkpoint of the ``sentiment`` task's texts; N = D with more seeded noise, a task checkpoint of ``spam``'s texts (32
-typical samples each, of the task's first 256 training texts, 96 for SmolLM2; fingerprints included). Each measurement is one merge ``[D, N]`` in a fresh child process
+typical samples each, of the task's first 256 training texts, 96 for SmolLM2; fingerprints included).
+Each measurement is one merge ``[D, N]`` in a fresh child process
 (``torch.set_num_threads(1)``, inputs in the page cache, the order alternating across repeats): ``plain``
 (``calibrate=False``) and ``calibrated`` (``calibrate=True``, chain form), timed by the merge's own report
 (``timings``; the calibration's own phases from ``calibration.timings``). ``--code DIR`` adds another checkout's
@@ -131,6 +132,26 @@ def summarize(runs: list[dict]) -> list[dict]:
     return rows
 
 
+def run_table(runs: list[dict]) -> str:
+    """Every run with its calibrated / plain ratio against the plain run of the same code in the same repeat."""
+    lines = ["| repeat | code | mode | total | calibrate | search | x plain | chosen |", "|" + "---|" * 8]
+    for r in runs:
+        plain = next(p for p in runs if p["mode"] == "plain" and p["code"] == r["code"]
+                     and p.get("repeat", 0) == r.get("repeat", 0))
+        cal = r["calibration"]
+        lines.append(f"| {r.get('repeat', 0)} | {Path(r['code']).name} | {r['mode']} | {r['timings']['total']:.2f} | "
+                     f"{cal.get('total', 0.0):.2f} | {cal.get('search', 0.0):.2f} | "
+                     f"{r['timings']['total'] / plain['timings']['total']:.2f} | {r['chosen']} |")
+    return "\n".join(lines)
+
+
+def report_text(model: str, runs: list[dict], note: str = "") -> str:
+    repeats = len({r.get("repeat", 0) for r in runs})
+    return (f"Calibrated vs plain merge, {model}, CPU, 1 thread, median of {repeats} (seconds)\n\n"
+            f"{table(summarize(runs))}\n\nEvery run (x plain: over the plain merge of the same code, same repeat)"
+            f"\n\n{run_table(runs)}\n{note}")
+
+
 def table(rows: list[dict]) -> str:
     head = ["code", "mode", *PHASES, *(f"cal {p}" for p in CAL_PHASES), "x plain", "cands", "chosen", "objective"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -150,11 +171,19 @@ def main() -> None:
     parser.add_argument("--screen", type=int, action="append", default=[],
                         help="also time calibrate_screen=M on this checkout (the cheaper search)")
     parser.add_argument("--no-save", action="store_true")
+    parser.add_argument("--render", type=Path, help="only re-render the tables of a saved results JSON")
+    parser.add_argument("--note", default="", help="a note appended to the saved tables")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--inputs", nargs=2, type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         return child(args.child, *args.inputs)
+    if args.render:
+        text = report_text(args.model, json.loads(args.render.read_text())["runs"], args.note)
+        print(text)
+        if not args.no_save:
+            (RESULTS / f"calibrated-speed-{args.model}.md").write_text(text)
+        return None
     d, n = build_inputs(args.model)
     codes = [None, *args.code]
     runs = []
@@ -162,12 +191,11 @@ def main() -> None:
         order = [(c, m) for c in codes for m in ("plain", "calibrated")]
         order += [(None, f"screen:{m}") for m in args.screen]
         for code, mode in (order if rep % 2 == 0 else order[::-1]):
-            runs.append(run_child(code, mode, d, n))
+            runs.append({**run_child(code, mode, d, n), "repeat": rep})
             print(f"repeat {rep} {Path(runs[-1]['code']).name} {mode}: {runs[-1]['timings']['total']:.2f}s",
                   flush=True)
     rows = summarize(runs)
-    text = (f"Calibrated vs plain merge, {args.model}, CPU, 1 thread, median of {args.repeats} (seconds)\n\n"
-            f"{table(rows)}\n")
+    text = report_text(args.model, runs, args.note)
     print(text)
     if not args.no_save:
         RESULTS.mkdir(exist_ok=True)
