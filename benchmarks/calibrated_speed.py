@@ -98,6 +98,7 @@ def child(mode: str, d: Path, n: Path) -> None:
         "code": str(Path(recall_hf.__file__).parent.parent), "mode": mode, "timings": report.timings,
         "calibration": cal.get("timings", {}),
         "candidates": len(cal.get("candidates", [])) + len(cal.get("screened", [])),
+        "pruned": sum(bool(c.get("pruned")) for c in cal.get("candidates", []) + cal.get("screened", [])),
         "chosen": (cal.get("chosen") or {}).get("name"), "objective": (cal.get("chosen") or {}).get("objective"),
     }))
 
@@ -149,7 +150,7 @@ def report_text(model: str, runs: list[dict], note: str = "") -> str:
     repeats = len({r.get("repeat", 0) for r in runs})
     return (f"Calibrated vs plain merge, {model}, CPU, 1 thread, median of {repeats} (seconds)\n\n"
             f"{table(summarize(runs))}\n\nEvery run (x plain: over the plain merge of the same code, same repeat)"
-            f"\n\n{run_table(runs)}\n{note}")
+            f"\n\n{run_table(runs)}\n{note}\n")
 
 
 def table(rows: list[dict]) -> str:
