@@ -11,6 +11,7 @@ Modules, in the order a drop meets them:
     validation.py  checks before merging and before going live
     worker.py      one drop at a time: take -> check -> merge -> publish -> retire; status
     publisher.py   the journaled publish (intent -> merged -> published -> idle), the base as v0000
+    gate.py        promotion gates (fingerprint regression, --gate CMD) and per-task retention records
     disposal.py    where a drop goes: retire, quarantine (in place), leave, defer
     recovery.py    bringing the deploy folder back after a crash
     journal.py     the publish journal (intent -> merged -> published)

@@ -33,8 +33,8 @@ def _add_daemon_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--drop", dest="drop_dir", default=None, help="drop folder producers write task checkpoints into")
     p.add_argument("--deploy", dest="deploy_dir", default=None,
                    help="deploy folder the daemon owns (versions/, current, ledger.jsonl, quarantine/, status.json)")
-    p.add_argument("--base", default=None, help="model (or adapter) dir published as versions/v0000 when the deploy "
-                   "folder is empty (ignored once it holds a version)")
+    p.add_argument("--base", default=None, help="model (or adapter) dir, or a Hub id resolved from the local cache, "
+                   "published as versions/v0000 when the deploy folder is empty (ignored once it holds a version)")
     p.add_argument("--once", action="store_true", help="process the complete drops pending now, then exit "
                    "(exit 1 when a drop had to be deferred, e.g. for disk space; 3 when a drop was quarantined)")
     p.add_argument("--poll", type=float, default=None, help="seconds between rescans of the drop folder (default 30)")
@@ -61,6 +61,7 @@ def _add_daemon_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                    help="daemon log level (default INFO)")
     _add_hook_args(p)
+    _add_gate_args(p)
     g = p.add_argument_group("RECALL merge settings (also the [recall] table of --config)")
     add_dataclass_args(g, RecallConfig, RECALL_KEYS, unset_defaults=True)
 
@@ -80,9 +81,27 @@ def _add_hook_args(p: argparse.ArgumentParser) -> None:
                    help='URL that gets POST {"version", "number", "path", "kind"} after a version goes live')
 
 
+def _add_gate_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("promotion gates, run on each staged version before it goes live (daemon/README.md)")
+    g.add_argument("--gate", dest="gate", metavar="CMD", default=None,
+                   help="shell command evaluating the staged version (RECALL_VERSION_DIR, RECALL_VERSION, "
+                   "RECALL_DROP, ... in its environment): exit 0 publishes, else the drop is quarantined ('gate')")
+    g.add_argument("--gate-timeout", dest="gate_timeout", type=float, metavar="S", default=None,
+                   help="seconds the --gate command may run before it counts as failed (default 3600)")
+    g.add_argument("--regression-margin", dest="regression_margin", type=float, metavar="KL", default=None,
+                   help="calibrate only: largest rise of an earlier task's fingerprint divergence (nats) a merge "
+                   "may cause (default 0.1); more quarantines the drop ('regression')")
+    g.add_argument("--fingerprint-gate", dest="fingerprint_gate", **_const(True),
+                   help="refuse merges that regress an earlier task's fingerprint (the default with calibrate)")
+    g.add_argument("--no-fingerprint-gate", dest="fingerprint_gate", **_const(False),
+                   help="publish calibrated merges whatever they do to earlier tasks' fingerprints")
+
+
+GATE_KEYS = ("gate", "gate_timeout", "regression_margin", "fingerprint_gate")
 HOOK_KEYS = ("on_publish", "vllm_url", "vllm_lora_name", "reload_url")
 DAEMON_KEYS = ("drop_dir", "deploy_dir", "base", "poll", "quiet_period", "keep", "metrics_port", "metrics_addr",
                "probes", "polling_observer", "events", "after_ingest", "retry_after", "adapter_max_rank") + HOOK_KEYS
+DAEMON_KEYS += GATE_KEYS
 
 
 def build_config(args: argparse.Namespace):
@@ -162,7 +181,32 @@ def collect_status(store: DeployStore) -> dict:
         "last_error": status.get("last_error"),
         "last_success": status.get("last_success"),
         "updated": status.get("updated"),
+        **gate_report(info, status, ledger),
     }
+
+
+def gate_report(info: dict, status: dict, ledger: list[dict]) -> dict:
+    """The live version's per-task fingerprint divergence (calibrate on) and the promotion gates' outcomes."""
+    refused = Counter(e.get("check") for e in ledger if e.get("result") == "quarantined"
+                      and e.get("check") in ("regression", "gate"))
+    return {"divergence": info.get("divergence") or {}, "gates": status.get("gates"),
+            "gate_quarantines": dict(refused)}
+
+
+def print_gates(report: dict) -> None:
+    if report["divergence"]:
+        print("fingerprint divergence of the live version (lower = closer to the task's own model):")
+        for task, value in report["divergence"].items():
+            print(f"  {task}: {value:.4g}")
+    gates = report["gates"] or {}
+    if gates or report["gate_quarantines"]:
+        refused = ", ".join(f"{k} {v}" for k, v in sorted(report["gate_quarantines"].items())) or "none"
+        print(f"gates: fingerprint {gates.get('fingerprint', '?')}; command {gates.get('command') or 'none'}; "
+              f"quarantined by gates: {refused}")
+        last = gates.get("last")
+        if last:
+            print(f"last gate decision: {last.get('gate')} {last.get('result')} for {last.get('drop')} "
+                  f"({last.get('version')}, {last.get('time')})")
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -179,6 +223,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"adapter rank: {report['rank']}" + (f" (capped; max relative error {err:.2e})" if err else ""))
     for i, t in enumerate(report["tasks"], 1):
         print(f"  {i:>3}. {t['task']}  [{(t['hash'] or '')[:12]}]  {t['version']}  {t['time']}")
+    print_gates(report)
     if report["queue"] or report["writing"]:
         print(f"queue: {', '.join(report['queue']) or '-'}  being written: {', '.join(report['writing']) or '-'}")
     print("ledger: " + (", ".join(f"{k} {v}" for k, v in sorted(report["ledger"].items())) or "empty"))

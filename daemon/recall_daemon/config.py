@@ -10,6 +10,8 @@ from typing import Any
 
 from recall_hf.config import RecallConfig, dataclass_from_dict
 
+from .gate import check_gate_settings
+
 AFTER_INGEST = ("delete", "move")
 HOOK_FIELDS = ("on_publish", "vllm_url", "vllm_lora_name", "reload_url", "hook_retries", "hook_backoff",
                "hook_timeout")
@@ -25,7 +27,8 @@ class DaemonConfig:
         deploy_dir (`str`):
             Folder the daemon owns: `versions/`, the `current` symlink, ledger, journal, quarantine, status, metrics.
         base (`str`, *optional*, defaults to `None`):
-            Model (or adapter) directory copied to `versions/v0000` when the deploy folder has no version yet.
+            Model (or adapter) directory, or a Hugging Face Hub id (resolved once from the local cache, its commit
+            recorded), copied to `versions/v0000` when the deploy folder has no version yet.
         poll (`float`, *optional*, defaults to `30.0`):
             Seconds between rescans of the drop folder when no file event arrives (events are only hints).
         quiet_period (`float`, *optional*, defaults to `60.0`):
@@ -71,13 +74,27 @@ class DaemonConfig:
             Adapter deployments: every deployed version's LoRA rank is at most this (merged factors compressed by
             truncated SVD, the error recorded per version); `0` or `None` leaves the stacked rank uncapped.
             `recall.max_rank`, when set, caps it too (the smaller wins).
+        gate (`str`, *optional*, defaults to `None`):
+            Shell command that evaluates each staged version before it may go live (`recall_daemon.gate`): exit 0
+            publishes, anything else quarantines the drop with check `gate`. The staged folder, version and drop
+            are in its environment (`RECALL_VERSION_DIR`, `RECALL_VERSION`, `RECALL_DROP`, ...), never in its
+            command line.
+        gate_timeout (`float`, *optional*, defaults to `3600.0`):
+            Seconds the gate command may run; past it, its process group is killed and the drop quarantined.
+        fingerprint_gate (`bool`, *optional*, defaults to `True`):
+            With `recall.calibrate`: refuse (check `regression`) a merge whose fingerprint divergence on a task the
+            live version already carries exceeds the live version's by more than `regression_margin`. Without
+            calibrate there are no fingerprints and it does not apply.
+        regression_margin (`float`, *optional*, defaults to `0.1`):
+            Largest increase of an earlier task's fingerprint divergence (KL, nats) a merge may cause and still go
+            live. Zero or negative refuses every merge that does not improve every earlier task.
         recall (`RecallConfig`, *optional*):
             RECALL merge settings (TOML table `[recall]`); the daemon always merges in `continual` mode.
     """
 
     drop_dir: str = field(metadata={"help": "Folder producers write task checkpoints into."})
     deploy_dir: str = field(metadata={"help": "Folder the daemon owns (versions, current, ledger, ...)."})
-    base: str | None = field(default=None, metadata={"help": "Model copied to versions/v0000 of an empty deploy."})
+    base: str | None = field(default=None, metadata={"help": "Model dir or Hub id copied to versions/v0000."})
     poll: float = field(default=30.0, metadata={"help": "Seconds between rescans of the drop folder."})
     quiet_period: float = field(default=60.0, metadata={"help": "Seconds unchanged before a marker-less drop counts."})
     keep: int = field(default=3, metadata={"help": "Newest versions kept (plus live, its predecessor, v0000)."})
@@ -98,6 +115,10 @@ class DaemonConfig:
     hook_backoff: float = field(default=2.0, metadata={"help": "Seconds before a hook's first retry (doubling)."})
     hook_timeout: float = field(default=60.0, metadata={"help": "Seconds one hook attempt may take."})
     adapter_max_rank: int | None = field(default=64, metadata={"help": "Cap of the deployed adapter rank (0: none)."})
+    gate: str | None = field(default=None, metadata={"help": "Shell command judging a staged version (0: publish)."})
+    gate_timeout: float = field(default=3600.0, metadata={"help": "Seconds the gate command may run."})
+    fingerprint_gate: bool = field(default=True, metadata={"help": "Refuse merges that regress an earlier task."})
+    regression_margin: float = field(default=0.1, metadata={"help": "Allowed rise of an earlier task's divergence."})
     recall: RecallConfig = field(default_factory=RecallConfig, metadata={"help": "RECALL merge settings."})
 
     def __post_init__(self) -> None:
@@ -129,6 +150,7 @@ class DaemonConfig:
         if self.validate_samples < 1:
             raise ValueError(f"validate_samples must be >= 1, got {self.validate_samples}.")
         check_hook_settings(self)
+        check_gate_settings(self)
         rank = self.adapter_max_rank
         if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 0):
             raise ValueError(f"adapter_max_rank must be an integer >= 0 (0: uncapped), got {rank!r}.")

@@ -93,7 +93,7 @@ class Disposal:
 
     def _reason(self, name: str, digest: str, rej: DropRejected, parent: str | None) -> dict:
         return {"drop": name, "hash": digest, "check": rej.check, "error": rej.message, "time": now_iso(),
-                "deployed_version": parent,
+                "deployed_version": parent, **({"details": rej.details} if rej.details else {}),
                 "hint": "Fix the checkpoint and drop it again under any name; this copy is kept for inspection."}
 
     def _record(self, name: str, digest: str, rej: DropRejected, dest: Path, extra: dict) -> None:

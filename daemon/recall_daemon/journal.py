@@ -3,7 +3,8 @@
 States, in order:
 
 - `idle`: nothing in flight (also what a missing journal means).
-- `intent`: a drop is being merged into `versions/<version>.tmp-<pid>`; nothing visible changed yet.
+- `intent`: a drop is being merged into `versions/<version>.tmp-<pid>` and gated (gate.py); nothing visible changed
+  yet.
   Recovery: delete the staging dir; the drop is still in the drop folder and is merged again.
 - `merged`: the staged version is complete, validated and fsynced; the rename into `versions/<version>` and the
   switch of `current` may or may not have happened. Recovery: finish the rename and the switch, then as `published`.
@@ -20,7 +21,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from recall_hf.durable import fsync_dir, write_json
@@ -47,6 +48,7 @@ class JournalEntry:
     started: str = ""
     updated: str = ""
     merge_seconds: float = 0.0
+    gates: dict = field(default_factory=dict)  # the promotion gates' results (gate.py), for the ledger line
 
     def advance(self, state: str, **changes) -> JournalEntry:
         if state not in STATES:

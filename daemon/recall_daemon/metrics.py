@@ -34,7 +34,20 @@ class Metrics:
         self.queue = Gauge("recall_daemon_queue_length", "Complete drops waiting to be processed.", registry=r)
         self.waiting = Gauge("recall_daemon_incomplete_drops", "Drops still being written (no READY, not quiet).",
                              registry=r)
+        self.gate_checks = Counter("recall_daemon_gate_checks", "Promotion gate outcomes: gate (fingerprint, "
+                                   "command) and result (passed, failed); a failure quarantines the drop.",
+                                   ["gate", "result"], registry=r)
+        self.task_divergence = Gauge("recall_daemon_task_divergence", "The live version's fingerprint divergence "
+                                     "per folded task (calibrate on; lower = closer to the task's own model).",
+                                     ["task"], registry=r)
         self._server = None
+
+    def set_divergence(self, divergence: dict[str, float]) -> None:
+        """Show exactly the live version's per-task divergence (tasks of an older live version disappear)."""
+        self.task_divergence.clear()
+        for task, value in divergence.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.task_divergence.labels(str(task)).set(value)
 
     def write_textfile(self) -> None:
         """Replace `metrics.prom` atomically (a scraper never reads half a file; prometheus_client writes a temp

@@ -15,7 +15,10 @@ from recall_hf.card import render_card as render
 from recall_hf.durable import write_json
 from recall_hf.modeldir import ADAPTER_CONFIG, REPORT_NAME, read_recall_json
 
+from .gate import plot_retention, retention_table
 from .store import VERSION_INFO
+
+RETENTION_PLOT = "recall_retention.png"  # published with the version: task and version names, numbers, no text
 
 
 def weight_summary(weights: list[list[float]]) -> dict:
@@ -57,6 +60,8 @@ def card_info(info: dict, stage: Path | None = None) -> CardInfo:
                + " Every version is immutable; `DEPLOY/current` points at the live one and `recall-hf rollback` "
                "flips it back.")
     sections = [("History", history_table(info["tasks"]))] if info["tasks"] else []
+    if info.get("retention"):
+        sections.append(("Retention", retention_section(info["retention"])))
     kind = "adapter" if stage is not None and (stage / ADAPTER_CONFIG).is_file() else "full"
     labels = ["deployed", "new task"] if report.get("weights") else []
     return CardInfo(title=f"recall-hf deployed model {info['version']}", kind=kind,
@@ -73,6 +78,16 @@ def render_card(info: dict, stage: Path | None = None) -> str:
     return str(render(card_info(info, stage)))
 
 
+def retention_section(history: list[dict]) -> str:
+    """Each folded task's fingerprint divergence across the versions of this lineage, table and plot."""
+    return (f"![each task's divergence across versions]({RETENTION_PLOT})\n\n" + retention_table(history)
+            + "\nFingerprint divergence (KL, nats) between each task's own fine-tuned model and the version on that "
+            "task's typical samples: lower keeps more of the task. A rising row is a task slipping. All versions: "
+            "`retention` in `version.json`.")
+
+
 def write_version_files(stage: Path, info: dict) -> None:
     write_json(stage / VERSION_INFO, info)
+    if info.get("retention"):
+        plot_retention(info["retention"], stage / RETENTION_PLOT)
     write_card(stage, card_info(info, stage))

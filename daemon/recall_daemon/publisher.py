@@ -1,14 +1,20 @@
 """The journaled publisher: a drop's merge goes `intent -> merged -> published -> idle` (RELIABILITY rules 4, 6, 12).
 
 - `begin`: journal `intent` (nothing visible yet; the staging dir is `versions/vNNNN.tmp-<pid>/`).
-- `build`: RECALL merge of the live version and the taken drop into the staging dir, model card, post-merge
-  validation. Interruptible: a stop or a failure `abandon`s the staging dir and the journal goes back to idle.
+- `build`: RECALL merge of the live version and the taken drop into the staging dir, the fingerprint gate, model
+  card, post-merge validation, the `--gate` command (gate.py). Interruptible: a stop or a failure `abandon`s the
+  staging dir and the journal goes back to idle; a crash leaves `intent`, so nothing ungated is ever published.
 - `seal`: fsync everything, journal `merged`.
 - `publish`: under `publish.lock`, rename to `versions/vNNNN`, fsync, switch `current`, journal `published`
   (False when `current` moved meanwhile: a rollback; the drop is merged again on top of it).
 - `record` + `complete`: the ledger line naming the content that went live, then journal `idle`.
 
-Also `publish_base`: the base model as `versions/v0000` when a deploy folder is empty.
+Also `publish_base`: the base model as `versions/v0000` when a deploy folder is empty (`--base` a local folder or a
+Hub id, resolved once at start by `resolve_base_source`).
+
+Adapter deployments on a bare base merge every adapter drop against v0000 (the deployment's own base), whatever base
+the drop's `adapter_config.json` names; every adapter version names the deployment's base in
+`base_model_name_or_path` (`deployment_base_name`).
 """
 
 from __future__ import annotations
@@ -24,11 +30,12 @@ from pathlib import Path
 
 from recall_hf.durable import apply_umask, fsync_dir, fsync_tree, write_json
 from recall_hf.merge import recall_merge
-from recall_hf.modeldir import NOT_COPIED, RECALL_JSON, is_adapter_dir, read_recall_json, weight_hashes
+from recall_hf.modeldir import ADAPTER_CONFIG, NOT_COPIED, RECALL_JSON, is_adapter_dir, read_recall_json, weight_hashes
 from recall_hf.versions import version_number
 
 from .config import DaemonConfig
 from .faults import crash_point
+from .gate import GATE_LOGS, candidate_divergence, check_regression, gate_environment, retention_history, run_command
 from .hooks import Notifier, notify_published
 from .intake import TakenDrop, check_contents, scan_layout
 from .journal import IDLE, INTENT, MERGED, PUBLISHED, JournalEntry
@@ -68,6 +75,36 @@ def record_compression(stage: Path, stats: dict) -> None:
         write_json(path, {**json.loads(path.read_text()), **extra})
 
 
+def resolve_base_source(name: str) -> tuple[Path, dict]:
+    """`--base` as a local folder, and where it came from. A Hub id is resolved once, at start, from the local cache
+    (downloaded first when online); its id and the snapshot's commit are returned for the version record.
+
+    Returns:
+        `(folder, origin)`: `origin` is `{"base_model": hub id, "revision": commit}` for a Hub model (also a cache
+        snapshot path given as a folder), else `{}`.
+    """
+    from recall_hf.hub import hub_id_of, looks_like_hub_id, resolve_hub_id
+
+    path = Path(name).expanduser()
+    if not path.exists() and looks_like_hub_id(name):
+        try:
+            path = resolve_hub_id(name)
+        except ValueError as err:
+            raise ValueError(f"--base {err}") from None
+    hub_id = hub_id_of(path) if path.exists() else None
+    if hub_id is None:
+        return path, {}
+    return path, {"base_model": hub_id, "revision": path.name if path.parent.name == "snapshots" else None}
+
+
+def name_base(stage: Path, base_name: str) -> None:
+    """Name the deployment's base in an adapter version: `base_model_name_or_path` and `recall.json`'s `base_model`
+    (neither is a weight file: the recorded sha256 are unaffected)."""
+    for path, key in ((stage / ADAPTER_CONFIG, "base_model_name_or_path"), (stage / RECALL_JSON, "base_model")):
+        if path.is_file():
+            write_json(path, {**json.loads(path.read_text()), key: base_name})
+
+
 class Publisher:
     """Stages, validates and publishes versions of one deploy folder, every step journaled."""
 
@@ -76,6 +113,8 @@ class Publisher:
         self.config, self.store, self.metrics, self.stop = config, store, metrics, stop
         self.set_state = set_state
         self.notifier = Notifier()  # serving hooks: background threads, closed by the service on SIGTERM
+        self.pending_gates: dict = {}  # the staged version's gate results, journaled by `seal`
+        self.last_gate: dict | None = None
 
     def announce(self, version: str) -> None:
         """Tell the serving side (`--on-publish`, `--vllm-url`, `--reload-url`) that `version` is live; never waits.
@@ -103,34 +142,86 @@ class Publisher:
             from recall_hf.lora.merge import adopt_adapter
 
             stats = adopt_adapter(drop, stage, self.config.merge_max_rank, self.config.recall.dtype)
-            weights, task_count, kind = None, 1, "adopt-adapter"
+            weights, task_count, kind, calibration = None, 1, "adopt-adapter", None
             write_json(stage / RECALL_JSON, {"kind": "recall-daemon-adapter", "task_count": 1, "parents": [str(drop)],
                                              "created": now_iso(), "sha256": weight_hashes(stage)})
         else:
             report = self._merge(entry, drop, info, stage)
             stats, weights, task_count = report.stats, weight_summary(report.weights), report.output_task_count
-            kind = f"merge-{report.kind}"
+            kind, calibration = f"merge-{report.kind}", report.calibration
         created = now_iso()
+        self.pending_gates = {}
+        retention = self._fingerprint_gate(calibration, entry, created)
         tasks = list(self.store.version_info(entry.parent).get("tasks", []))
         tasks.append({"task": info.task, "name": taken.name, "hash": entry.hash, "time": created,
                       "version": entry.version, "weights": weights})
         record_compression(stage, stats)
+        if info.kind == "adapter" and self.adapter_base() is not None:
+            name_base(stage, self.deployment_base_name())
         write_version_files(stage, {**version_info(entry.version, entry.parent, created, task_count, tasks, kind),
-                                    **rank_info(stats)})
+                                    **rank_info(stats), **retention})
         apply_umask(stage)  # nothing executable, readable by a server running as another user
         self.set_state(f"validating {entry.version}")
         result = validate_version(stage, info.texts, self.config.validate_samples, self.config.recall.max_length,
                                   self.config.recall.device, self.config.recall.device_map, self.adapter_base())
         logger.info("Version %s validated: forward pass on %d typical samples is finite", entry.version,
                     result["texts"])
+        self._command_gate(entry, info.task, stage)
+
+    # -- promotion gates (gate.py): both run while the journal says `intent` ---------------------------------------
+    def _fingerprint_gate(self, calibration: dict | None, entry: JournalEntry, created: str) -> dict:
+        """Refuse a calibrated merge that regresses an earlier task; the version's retention record otherwise."""
+        if not calibration:
+            return {}  # calibrate off: no fingerprint scores, the gate does not apply (gate_status says so)
+        divergence, parent = candidate_divergence(calibration), self.store.version_info(entry.parent)
+        if self.config.fingerprint_gate:
+            verdict = check_regression(calibration, self.config.regression_margin, parent.get("divergence"))
+            self.metrics.gate_checks.labels("fingerprint", "passed" if verdict.passed else "failed").inc()
+            self.last_gate = {"gate": "fingerprint", "version": entry.version, "drop": entry.drop,
+                              "result": "passed" if verdict.passed else "failed", "time": now_iso()}
+            if not verdict.passed:
+                raise DropRejected("regression", verdict.message(), verdict.details())
+            self.pending_gates["fingerprint"] = {"result": "passed", **verdict.details()}
+        else:
+            self.pending_gates["fingerprint"] = {"result": "off"}
+        return {"divergence": {t: round(v, 6) for t, v in sorted(divergence.items())},
+                "retention": retention_history(parent, entry.version, created, divergence),
+                "gates": {"fingerprint": self.pending_gates["fingerprint"]}}
+
+    def _command_gate(self, entry: JournalEntry, task: str, stage: Path) -> None:
+        """Run `--gate CMD` on the staged version; a non-zero exit (or a timeout) refuses it (check `gate`)."""
+        if not self.config.gate:
+            return
+        self.set_state(f"gating {entry.version}")
+        env = gate_environment(stage, entry.version, self.store.root, entry.parent, entry.drop, entry.hash, task)
+        log = self.store.root / GATE_LOGS / f"{entry.version}-{entry.hash[:12]}.log"
+        result = run_command(self.config.gate, env, self.config.gate_timeout, log, self.stop.check)
+        outcome = "passed" if result.passed else "failed"
+        self.metrics.gate_checks.labels("command", outcome).inc()
+        self.last_gate = {"gate": "command", "version": entry.version, "drop": entry.drop, "result": outcome,
+                          "exit_code": result.exit_code, "time": now_iso()}
+        if not result.passed:
+            raise DropRejected("gate", result.message(self.config.gate_timeout), result.details())
+        logger.info("Version %s passed the --gate command (%.1fs)", entry.version, result.seconds)
+        self.pending_gates["command"] = {"result": "passed", "seconds": round(result.seconds, 3), "log": result.log}
+
+    def gate_status(self) -> dict:
+        """The gates as configured, and the last decision (status.json, `recall-hf status`)."""
+        if not self.config.recall.calibrate:
+            fingerprint = "not applicable: calibrate is off (no fingerprint scores)"
+        else:
+            fingerprint = f"on (margin {self.config.regression_margin:g})" if self.config.fingerprint_gate else "off"
+        return {"fingerprint": fingerprint, "command": self.config.gate, "last": self.last_gate}
 
     def _merge(self, entry: JournalEntry, drop: Path, info: DropInfo, stage: Path):
         """RECALL merge of the live version and the drop into `stage` (adapters capped at `merge_max_rank`)."""
         work = stage / "merged"
         # Task-vector fusion measures every task vector from the base (v0000): only for drops fine-tuned from it.
         base = self.store.version_dir("v0000") if self.config.recall.fusion == "task_vector" else None
-        if base is not None and is_adapter_dir(drop):
-            base = None  # adapter merges take their base from adapter_config.json
+        if is_adapter_dir(drop):
+            # Adapters apply to the deployment's base (a bare v0000), not to whatever their adapter_config.json
+            # names; a deployment begun from an adapter v0000 (no full base) keeps that name.
+            base = self.adapter_base()
         # Hashes already known: the drop's were computed while it was taken; every version records its own.
         parent_dir = self.store.version_dir(entry.parent)
         known = {str(d): recorded_hashes(d) for d in [parent_dir] + ([base] if base else [])}
@@ -150,9 +241,23 @@ class Publisher:
         v0 = self.store.version_dir("v0000")
         return v0 if v0.is_dir() and not is_adapter_dir(v0) else None
 
+    def deployment_base_name(self) -> str:
+        """What adapter versions name as their base: the Hub id the deployment's base came from (`--base` a Hub id),
+        else the absolute path of `versions/v0000`, which is never pruned and holds the exact weights every adapter
+        version was merged and validated against."""
+        v0 = self.store.version_dir("v0000")
+        try:
+            hub_id = read_recall_json(v0).get("base_model")
+        except (OSError, ValueError):
+            hub_id = None
+        from recall_hf.hub import looks_like_hub_id
+
+        return hub_id if isinstance(hub_id, str) and looks_like_hub_id(hub_id) else str(v0.resolve())
+
     def seal(self, entry: JournalEntry, started: float) -> JournalEntry:
         fsync_tree(Path(entry.staging))
-        entry = self.store.journal.write(entry.advance(MERGED, merge_seconds=round(time.monotonic() - started, 3)))
+        entry = self.store.journal.write(entry.advance(MERGED, merge_seconds=round(time.monotonic() - started, 3),
+                                                       gates=self.pending_gates))
         crash_point("merged")
         return entry
 
@@ -190,7 +295,8 @@ class Publisher:
             self.store.ledger.append(Result.MERGED, hash=entry.hash, drop=entry.drop, task=entry.task,
                                      version=entry.version, parent=entry.parent, merge_seconds=entry.merge_seconds,
                                      version_sha256=recorded_hashes(version),
-                                     task_count=self.store.version_info(entry.version).get("task_count"))
+                                     task_count=self.store.version_info(entry.version).get("task_count"),
+                                     **({"gates": entry.gates} if entry.gates else {}))
             self.metrics.ingested.inc()
             if entry.merge_seconds:
                 self.metrics.merge_seconds.observe(entry.merge_seconds)
@@ -223,7 +329,9 @@ class Publisher:
         return None
 
     # -- the base -------------------------------------------------------------------------------------------------
-    def publish_base(self, base: Path, probe_texts: list[str] | None) -> str:
+    def publish_base(self, base: Path, probe_texts: list[str] | None, origin: dict | None = None) -> str:
+        """Copy the base model to `versions/v0000` and make it live; `origin` (`resolve_base_source`) is recorded."""
+        origin = origin or {}
         if not base.is_dir():
             raise ValueError(f"--base {base} is not a directory.")
         try:
@@ -236,7 +344,7 @@ class Publisher:
         stage.mkdir()
         try:
             with self.stop.interruptible():
-                self._stage_base(base, stage, kind, probe_texts)
+                self._stage_base(base, stage, kind, probe_texts, origin)
             fsync_tree(stage)
             os.rename(stage, self.store.version_dir("v0000"))
             fsync_dir(self.store.versions_dir)
@@ -245,11 +353,12 @@ class Publisher:
             raise
         self.store.switch_current("v0000")
         self.announce("v0000")
-        self.store.ledger.append(Result.INIT, event="init", version="v0000", kind=kind, source=str(base.resolve()))
+        self.store.ledger.append(Result.INIT, event="init", version="v0000", kind=kind, source=str(base.resolve()),
+                                 **origin)
         logger.info("Initialised %s with the base model %s as v0000 (%s).", self.store.root, base, kind)
         return "v0000"
 
-    def _stage_base(self, base: Path, stage: Path, kind: str, probe_texts: list[str] | None) -> None:
+    def _stage_base(self, base: Path, stage: Path, kind: str, probe_texts: list[str] | None, origin: dict) -> None:
         for p in sorted(base.iterdir()):
             if p.is_file() and p.name not in NOT_COPIED and not p.name.startswith("."):
                 shutil.copy2(p, stage / p.name)  # an operator's base may be a cache snapshot of symlinks
@@ -259,9 +368,10 @@ class Publisher:
             raise ValueError(f"--base {base}: {rej.message}") from None
         created = now_iso()
         write_json(stage / RECALL_JSON, {"kind": "recall-daemon-base", "task_count": 0,
-                                         "source": str(base.resolve()), "created": created,
+                                         "source": str(base.resolve()), **origin, "created": created,
                                          "sha256": weight_hashes(stage)})
-        write_version_files(stage, version_info("v0000", None, created, 0, [], "base", str(base.resolve())))
+        write_version_files(stage, {**version_info("v0000", None, created, 0, [], "base", str(base.resolve())),
+                                    **origin})
         try:
             validate_version(stage, probe_texts or SMOKE_TEXTS, self.config.validate_samples,
                              self.config.recall.max_length, self.config.recall.device, self.config.recall.device_map)

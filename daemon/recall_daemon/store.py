@@ -9,6 +9,7 @@ DEPLOY/
   incoming/<id>/            drops taken out of the drop folder and not yet handled (intake.py)
   quarantine/<name>/        rejected drops: REASON.json, and the drop itself under drop/
   ingested/                 merged drops, when after_ingest = "move"
+  gate-logs/                the --gate command's output per staged version (gate.py)
   status.json  metrics.prom  daemon.lock  publish.lock
 ```
 """

@@ -31,17 +31,18 @@ logger = logging.getLogger(__name__)
 
 # The checks, in the order they run; also the `reason` label of the quarantine metric.
 CHECKS = ("layout", "code", "recall_json", "config", "weights", "sha256", "architecture", "samples", "finite", "merge",
-          "post_merge")
+          "post_merge", "regression", "gate")
 
 
 class DropRejected(Exception):
     """A drop failed a check: it is quarantined, the deployed model stays as it is."""
 
-    def __init__(self, check: str, message: str):
+    def __init__(self, check: str, message: str, details: dict | None = None):
         if check not in CHECKS:
             raise ValueError(f"Unknown check {check!r}; checks are {', '.join(CHECKS)}.")
         super().__init__(f"{check}: {message}")
         self.check, self.message = check, message
+        self.details = details or {}  # the gates' scores or exit code and output, kept in REASON.json
 
 
 @dataclass
@@ -118,7 +119,9 @@ def check_full_architecture(drop: Path, deployed: Path, reader: CheckpointReader
         check_compatible([CheckpointReader(deployed), reader])
 
 
-def check_adapter_architecture(drop: Path, deployed: Path) -> None:
+def check_adapter_architecture(drop: Path, deployed: Path, base: Path | None = None) -> None:
+    """The drop fits the deployed adapter; with the deployment's own `base` (a bare v0000), it is checked against
+    that base (shapes, recorded parent hashes) instead of by the base name in its `adapter_config.json`."""
     # A failing import is a broken install, not a bad drop: it must stop the daemon, never quarantine drops.
     from recall_hf.lora.compat import check_adapters, load_adapter
 
@@ -126,7 +129,9 @@ def check_adapter_architecture(drop: Path, deployed: Path) -> None:
         json.loads((drop / ADAPTER_CONFIG).read_text())
         new = load_adapter(drop)
     with rejecting("architecture"):
-        check_adapters([load_adapter(deployed), new], None)
+        check_adapters([load_adapter(deployed), new], None if base is None else str(base))
+    if base is not None:
+        check_adapter_fits_base(drop, base)
 
 
 def is_bare_base(deployed: Path) -> bool:
@@ -227,7 +232,8 @@ def check_task_count(recall: dict, weights: dict[str, str], produced: Callable[[
 
 
 def verify_drop(drop: Path, deployed: Path, file_hashes: dict[str, str], probes: str | None = None,
-                name: str | None = None, produced: Callable[[dict], int | None] = lambda w: None) -> DropInfo:
+                name: str | None = None, produced: Callable[[dict], int | None] = lambda w: None,
+                base: Path | None = None) -> DropInfo:
     """Every check a drop must pass before it may be merged into the deployed version `deployed`.
 
     Args:
@@ -237,6 +243,9 @@ def verify_drop(drop: Path, deployed: Path, file_hashes: dict[str, str], probes:
         probes: daemon-wide probe file used when the drop ships no `recall_samples.jsonl`.
         name: the producer's name of the drop (the default task name).
         produced: weight hashes -> task count of a version this deployment published, or None.
+        base: the deployment's own base model (a bare v0000) that adapter drops apply to, whatever base their
+            `adapter_config.json` names; `None` (full-model deployments, or one begun from an adapter) compares
+            the adapters' base names.
     """
     kind = drop_kind(drop)
     deployed_kind = "adapter" if is_adapter_dir(deployed) else "full"
@@ -255,7 +264,7 @@ def verify_drop(drop: Path, deployed: Path, file_hashes: dict[str, str], probes:
     elif adopting:
         check_adapter_fits_base(drop, deployed)
     else:
-        check_adapter_architecture(drop, deployed)
+        check_adapter_architecture(drop, deployed, base)
     texts = drop_texts(drop, probes)
     n = check_finite(reader)
     task = recall.get("task") or recall.get("task_name") or name or drop.name

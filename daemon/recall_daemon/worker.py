@@ -94,7 +94,8 @@ class Worker:
         Recovery(self).run()
 
     def initialise(self) -> str:
-        """Make sure there is a live version: keep the existing one, or copy `--base` to `versions/v0000`."""
+        """Make sure there is a live version: keep the existing one, or copy `--base` (a folder, or a Hub id resolved
+        here, once) to `versions/v0000`."""
         versions = self.store.versions()
         if versions:
             if self.config.base:
@@ -107,7 +108,10 @@ class Worker:
         if not self.config.base:
             raise RuntimeError(f"Deploy folder {self.store.root} has no version yet; pass --base MODEL_DIR to publish "
                                "the base model as versions/v0000.")
-        return self.publisher.publish_base(Path(self.config.base), self.probe_texts)
+        from .publisher import resolve_base_source
+
+        base, origin = resolve_base_source(self.config.base)
+        return self.publisher.publish_base(base, self.probe_texts, origin)
 
     # -- the queue -----------------------------------------------------------------------------------------------
     def pending(self) -> tuple[list[DropState | TakenDrop], float]:
@@ -150,7 +154,7 @@ class Worker:
         try:
             with self.stop.interruptible():
                 info = verify_drop(taken.path, self.store.version_dir(parent), files, self.config.probes, taken.name,
-                                   self.publisher.produced_task_count)
+                                   self.publisher.produced_task_count, base=self.publisher.adapter_base())
         except DropRejected as rej:
             self.disposal.quarantine(taken, digest, rej, parent)
             return Outcome.QUARANTINED
@@ -315,6 +319,7 @@ class Worker:
             "last_error": self.last_error,
             "last_success": self.last_success,
             "hooks": self.publisher.notifier.outcomes[-5:],  # the serving hooks' latest results (background)
+            "gates": self.publisher.gate_status(),  # promotion gates as configured, and the last decision
             "drop_dir": str(self.drop_dir),
             "deploy_dir": str(self.store.root),
             "watcher": self.watcher,
@@ -330,6 +335,7 @@ class Worker:
         live = status["current"]
         if live:
             self.metrics.current_version.set(int(live[1:]))
+            self.metrics.set_divergence(self.store.version_info(live).get("divergence") or {})
         self.store.write_status({**status, "updated": now_iso()})
         self.metrics.write_textfile()
         self._status_written = status
