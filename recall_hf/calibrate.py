@@ -66,7 +66,8 @@ class CalibrationConfig:
         prune (`bool`, *optional*, defaults to `True`):
             Stop replaying a candidate once it cannot win (every per-sample divergence is >= 0, so the replayed part
             bounds its objective from below): the same choice in less time; a pruned candidate's report has a lower
-            bound for `objective`, `pruned: true` and only the tasks replayed to the end.
+            bound for `objective`, `pruned: true` and only the tasks replayed to the end. The endpoints `keep` and
+            `new` are always scored in full.
         screen_samples (`int`, *optional*, defaults to `0`):
             A cheaper search that may choose differently (0: off): score every candidate on this many samples per
             task (spread evenly), then only the `finalists` best in full; the fold is the best finalist.
@@ -323,8 +324,8 @@ def search_fold(
     search: FoldSearch, profile: torch.Tensor | None, config: CalibrationConfig, n_layers: int
 ) -> Candidate:
     """Run the whole search on a `FoldSearch` (the caller registers the new model's endpoint first); the best."""
-    search.evaluate("keep", "keep", 0.0, torch.zeros(n_layers, dtype=torch.float64),
-                    search.bound(config.max_coefficient))
+    # Both endpoints are always scored in full: the daemon's fingerprint gate compares the chosen fold with `keep`.
+    search.evaluate("keep", "keep", 0.0, torch.zeros(n_layers, dtype=torch.float64))
     _family_search(search, profile, config, n_layers)
     if config.layer_groups:
         start = min((c for c in search.candidates if c.coefficients is not None), key=lambda c: c.objective)

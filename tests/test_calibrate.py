@@ -270,3 +270,13 @@ def test_pruning_keeps_the_choice_and_every_full_score(chain, tmp_path, from_bas
             assert runs[False].chosen.objective < c["objective"] <= plain[name]["objective"] * (1 + 1e-9)
         else:
             assert c["objective"] == plain[name]["objective"] and c["scores"] == plain[name]["scores"]
+
+
+def test_endpoints_are_never_pruned(chain):
+    """The daemon's fingerprint gate compares the chosen fold with `keep` on every task: both endpoints stay full."""
+    d, n, fps = chain
+    fold = calibrated_fold(d, n, fps, new_task="new", config=CalibrationConfig(), weights={"old": 0, "new": 1})
+    cands = _by_name(fold)
+    assert fold.chosen.name == "new" and any(c["pruned"] for c in cands.values())
+    for name in ("keep", "new"):
+        assert not cands[name]["pruned"] and set(cands[name]["scores"]) == {"old", "new"}
