@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from .fingerprint import Fingerprint, TaskScore, load_task_model, score_tasks
+from .fingerprint import Fingerprint, TaskScore, load_task_model, score_tasks, score_tasks_bounded
 from .layers import LayerMap
 from .safetensors_io import CheckpointReader
 
@@ -63,6 +63,16 @@ class CalibrationConfig:
             Batch size of the fingerprint replays.
         device (`str`, *optional*, defaults to `"cpu"`):
             Device holding the working model and the delta.
+        prune (`bool`, *optional*, defaults to `True`):
+            Stop replaying a candidate once it cannot win (every per-sample divergence is >= 0, so the replayed part
+            bounds its objective from below): the same choice in less time; a pruned candidate's report has a lower
+            bound for `objective`, `pruned: true` and only the tasks replayed to the end. The endpoints `keep` and
+            `new` are always scored in full.
+        screen_samples (`int`, *optional*, defaults to `0`):
+            A cheaper search that may choose differently (0: off): score every candidate on this many samples per
+            task (spread evenly), then only the `finalists` best in full; the fold is the best finalist.
+        finalists (`int`, *optional*, defaults to `2`):
+            Screened candidates re-scored on every sample (with `screen_samples`).
     """
 
     alphas: tuple[float, ...] = field(default=(0.25, 0.5, 0.75), metadata={"help": "Constant coefficients tried."})
@@ -74,6 +84,9 @@ class CalibrationConfig:
     new_task_weight: float | None = field(default=None, metadata={"help": "Newest task's share of the objective."})
     batch_size: int = field(default=8, metadata={"help": "Batch size of the fingerprint replays."})
     device: str = field(default="cpu", metadata={"help": "Device of the working model and delta."})
+    prune: bool = field(default=True, metadata={"help": "Stop scoring a candidate once it cannot win."})
+    screen_samples: int = field(default=0, metadata={"help": "Screen candidates on this many samples per task."})
+    finalists: int = field(default=2, metadata={"help": "Screened candidates re-scored in full."})
 
     def __post_init__(self) -> None:
         values = [*self.alphas, *self.scales]
@@ -87,11 +100,18 @@ class CalibrationConfig:
             raise ValueError(f"CalibrationConfig.new_task_weight must be in (0, 1], got {self.new_task_weight}.")
         if self.batch_size < 1:
             raise ValueError(f"CalibrationConfig.batch_size must be >= 1, got {self.batch_size}.")
+        if self.screen_samples < 0 or self.finalists < 1:
+            raise ValueError(f"CalibrationConfig.screen_samples must be >= 0 and finalists >= 1, got "
+                             f"{self.screen_samples} and {self.finalists}.")
 
 
 @dataclass
 class Candidate:
-    """One fold tried: its per-layer coefficients (`None`: the new model as it is) and its scores."""
+    """One fold tried: its per-layer coefficients (`None`: the new model as it is) and its scores.
+
+    A `pruned` candidate was stopped once it could no longer win: `objective` is a lower bound of its objective
+    (above the best one's) and `scores` holds only the tasks replayed to the end.
+    """
 
     name: str
     family: str
@@ -99,6 +119,7 @@ class Candidate:
     coefficients: list[float] | None
     scores: dict[str, dict[str, float]]
     objective: float
+    pruned: bool = False
 
 
 # ------------------------------------------------------------------------------------------------- pure math
@@ -184,18 +205,23 @@ class FoldSearch:
         weights: objective weight per task (`task_weights`).
         scorer: `scorer(model, fingerprints) -> {task: TaskScore}` (default `score_tasks`); a caller whose tasks
             each need their own head (one encoder, one classifier head per task) swaps heads in it.
+        prune: with the default scorer, stop replaying a candidate once its objective must exceed the bound passed
+            to `evaluate` (`score_tasks_bounded`); the choice stays the same, only pruned candidates' scores are
+            partial.
     """
 
     def __init__(self, model, delta: dict[str, torch.Tensor], layers: dict[str, int], n_layers: int,
                  fingerprints: Mapping[str, Fingerprint], weights: Mapping[str, float], batch_size: int = 8,
-                 scorer: Callable[..., Mapping[str, TaskScore]] | None = None):
+                 scorer: Callable[..., Mapping[str, TaskScore]] | None = None, prune: bool = False):
         self.model, self.delta, self.layers = model, delta, layers
         self.params = dict(model.named_parameters())
-        self.fingerprints, self.weights = fingerprints, weights
+        self.fingerprints, self.weights, self.batch_size = fingerprints, weights, batch_size
+        self.prune = prune and scorer is None
         self.scorer = scorer or (lambda m, fps: score_tasks(m, fps, batch_size))
         self.a = torch.zeros(n_layers, dtype=torch.float64)
         self.tried: dict[tuple[float, ...], Candidate] = {}
         self.candidates: list[Candidate] = []
+        self.cost = {t: float(fp.lengths.sum()) for t, fp in fingerprints.items()}
 
     @staticmethod
     def key(a: torch.Tensor) -> tuple[float, ...]:
@@ -218,15 +244,46 @@ class FoldSearch:
         self.candidates.append(candidate)
         return candidate
 
-    def evaluate(self, name: str, family: str, param: float | None, a: torch.Tensor) -> Candidate:
-        """Score the candidate with coefficients `a` (once: a repeat returns the first result)."""
+    def bound(self, top: float) -> float | None:
+        """The best objective of the candidates scored in full whose coefficients the family grid holds (all in
+        `[0, top]`: the ones the family and group searches compare), or `None`. A candidate above it can change no
+        decision of the search, so its replay may stop there."""
+        full = [c.objective for c in self.candidates
+                if c.coefficients is not None and not c.pruned and max(c.coefficients) <= top]
+        return min(full) if full else None
+
+    def task_order(self) -> list[str]:
+        """Tasks by the share of the objective per replayed token they had in the last candidate scored in full:
+        the likeliest to exceed a bound early go first."""
+        last = next((c for c in reversed(self.candidates) if not c.pruned), None)
+        if last is None:
+            return list(self.fingerprints)
+        share = {t: self.weights.get(t, 0.0) * last.scores.get(t, {}).get("divergence", 0.0) / max(self.cost[t], 1.0)
+                 for t in self.fingerprints}
+        return sorted(self.fingerprints, key=lambda t: -share[t])
+
+    def _score(self, name: str, family: str, param: float | None, a: torch.Tensor, bound: float | None) -> Candidate:
+        if self.prune and bound is not None:
+            margin = bound * (1 + 1e-9) + 1e-12  # float noise between the running sum and the objective never prunes
+            scores, value, complete = score_tasks_bounded(self.model, self.fingerprints, self.weights, margin,
+                                                          self.batch_size, self.task_order())
+            if not complete:
+                return Candidate(name, family, param, a.tolist(), {t: asdict(s) for t, s in scores.items()}, value,
+                                 pruned=True)
+        else:
+            scores = self.scorer(self.model, self.fingerprints)
+        return Candidate(name, family, param, a.tolist(), {t: asdict(s) for t, s in scores.items()},
+                         objective(scores, self.weights))
+
+    def evaluate(self, name: str, family: str, param: float | None, a: torch.Tensor,
+                 bound: float | None = None) -> Candidate:
+        """Score the candidate with coefficients `a` (once: a repeat returns the first result); with `prune`, stop
+        once its objective must exceed `bound`."""
         if self.key(a) in self.tried:
             return self.tried[self.key(a)]
         self.move_to(a)
-        scores = self.scorer(self.model, self.fingerprints)
-        cand = Candidate(name, family, param, a.tolist(), {t: asdict(s) for t, s in scores.items()},
-                         objective(scores, self.weights))
-        logger.info("Calibrated fold: %s objective %.5f", name, cand.objective)
+        cand = self._score(name, family, param, a, bound)
+        logger.info("Calibrated fold: %s objective %s%.5f", name, ">= " if cand.pruned else "", cand.objective)
         return self.register(cand, a)
 
 
@@ -240,12 +297,12 @@ def _family_search(search: FoldSearch, profile: torch.Tensor | None, config: Cal
     results = {}
     for family, (grid, coefs) in families.items():
         for v in grid:
-            results[family, v] = search.evaluate(f"{family}:{v:g}", family, v, coefs(v))
+            results[family, v] = search.evaluate(f"{family}:{v:g}", family, v, coefs(v), search.bound(top))
     if config.refine:
         (family, best), _ = min(results.items(), key=lambda kv: kv[1].objective)
         grid, coefs = families[family]
         for v in midpoints(grid, best):
-            search.evaluate(f"{family}:{v:g}", family, v, coefs(v))
+            search.evaluate(f"{family}:{v:g}", family, v, coefs(v), search.bound(top))
 
 
 def _group_search(search: FoldSearch, start: Candidate, config: CalibrationConfig, n: int) -> None:
@@ -257,7 +314,7 @@ def _group_search(search: FoldSearch, start: Candidate, config: CalibrationConfi
             trial[group] = (trial[group] + sign * config.group_step).clamp(0.0, config.max_coefficient)
             if torch.equal(trial, a):
                 continue
-            cand = search.evaluate(f"group{g}{'+' if sign > 0 else '-'}:{start.name}", "group", None, trial)
+            cand = search.evaluate(f"group{g}{'+' if sign > 0 else '-'}:{start.name}", "group", None, trial, best)
             if cand.objective < best:
                 a, best = trial, cand.objective
                 break
@@ -267,6 +324,7 @@ def search_fold(
     search: FoldSearch, profile: torch.Tensor | None, config: CalibrationConfig, n_layers: int
 ) -> Candidate:
     """Run the whole search on a `FoldSearch` (the caller registers the new model's endpoint first); the best."""
+    # Both endpoints are always scored in full: the daemon's fingerprint gate compares the chosen fold with `keep`.
     search.evaluate("keep", "keep", 0.0, torch.zeros(n_layers, dtype=torch.float64))
     _family_search(search, profile, config, n_layers)
     if config.layer_groups:
@@ -315,13 +373,96 @@ def _delta_and_deploy(model, deployed: Path, parent: Path, layer_map: LayerMap):
     return delta, layers
 
 
-def _check_profile(profile, n_layers: int) -> torch.Tensor | None:
+def check_profile(profile, n_layers: int) -> torch.Tensor | None:
     if profile is None:
         return None
     t = torch.as_tensor(profile, dtype=torch.float64).flatten()
     if t.numel() != n_layers or not torch.isfinite(t).all() or (t < 0).any():
         raise ValueError(f"profile must hold {n_layers} finite weights >= 0 (one per layer 0..L), got {t.tolist()}.")
     return t
+
+
+def _scored(name: str, family: str, param, coefficients, scores: Mapping[str, TaskScore], tw) -> Candidate:
+    return Candidate(name, family, param, coefficients, {k: asdict(s) for k, s in scores.items()},
+                     objective(scores, tw))
+
+
+def _finals(search: FoldSearch, new_full: Candidate | None, config: CalibrationConfig,
+            fingerprints: Mapping[str, Fingerprint], tw: Mapping[str, float]) -> list[Candidate]:
+    """The `config.finalists` best screened candidates, re-scored on every sample (N as it is: `new_full`)."""
+    finals = []
+    for cand in sorted(search.candidates, key=lambda c: (c.pruned, c.objective))[: config.finalists]:
+        if cand.coefficients is None:
+            finals.append(new_full)
+            continue
+        search.move_to(torch.tensor(cand.coefficients, dtype=torch.float64))
+        scores = score_tasks(search.model, fingerprints, config.batch_size)
+        finals.append(_scored(cand.name, cand.family, cand.param, cand.coefficients, scores, tw))
+    return finals
+
+
+def search_loaded(
+    model, deploy: Callable, n_layers: int, fingerprints: Mapping[str, Fingerprint], tw: Mapping[str, float],
+    profile: torch.Tensor | None, config: CalibrationConfig, from_base: bool, timings: dict[str, float],
+) -> tuple[Candidate, list[Candidate], list[Candidate]]:
+    """The search on a working model that holds N: score N, `deploy(model)` (moves it to D in place and returns
+    `(delta, layers)`), then every candidate `D + a_l * delta`. Shared by full models and LoRA adapters.
+
+    With `config.screen_samples` the candidates are scored on that many samples per task and the best
+    `config.finalists` again on all (N as it is, which the moved model cannot return to in the from-base form, is
+    scored in full before `deploy`).
+
+    Returns:
+        `(chosen, candidates, screened)`: the candidates scored in full and, when screening, every screened one;
+        `timings` gains `score_new`, `delta`, `search` (and `finalists`).
+    """
+    t = time.perf_counter()
+    screen = config.screen_samples
+    search_fps = {k: fp.subset(screen) for k, fp in fingerprints.items()} if screen else fingerprints
+    coefs = None if from_base else [1.0] * n_layers
+    new_cand = _scored("new", "new", None, coefs, score_tasks(model, search_fps, config.batch_size), tw)
+    new_full = None
+    if screen and from_base:
+        new_full = _scored("new", "new", None, None, score_tasks(model, fingerprints, config.batch_size), tw)
+    timings["score_new"] = time.perf_counter() - t
+    t = time.perf_counter()
+    delta, layers = deploy(model)
+    timings["delta"] = time.perf_counter() - t
+    t = time.perf_counter()
+    search = FoldSearch(model, delta, layers, n_layers, search_fps, tw, config.batch_size, prune=config.prune)
+    del delta  # the search holds the only reference: released with it
+    search.register(new_cand, None if from_base else torch.ones(n_layers, dtype=torch.float64))
+    chosen = search_fold(search, profile, config, n_layers)
+    timings["search"] = time.perf_counter() - t
+    if not screen:
+        return chosen, search.candidates, []
+    t = time.perf_counter()
+    finals = _finals(search, new_full, config, fingerprints, tw)
+    timings["finalists"] = time.perf_counter() - t
+    return min(finals, key=lambda c: c.objective), finals, search.candidates
+
+
+def fold_report(
+    from_base: bool, inputs: list[Path], new_task: str | None, tw: Mapping[str, float], profile: torch.Tensor | None,
+    config: CalibrationConfig, found: tuple[Candidate, list[Candidate], list[Candidate]], timings: dict[str, float],
+) -> dict:
+    """The search's report: protocol, inputs, weights, every candidate with its per-task scores, the chosen one
+    (and, with screening, every screened candidate under `screened`)."""
+    chosen, candidates, screened = found
+    logger.info("Calibrated fold chose %s (objective %.5f) of %d candidates in %.1fs", chosen.name,
+                chosen.objective, len(candidates) + len(screened), timings["total"])
+    report = {
+        "protocol": "from-base" if from_base else "chain", "inputs": [str(p) for p in inputs], "new_task": new_task,
+        "task_weights": dict(tw), "profile": None if profile is None else profile.tolist(), "config": asdict(config),
+        "candidates": [asdict(c) for c in candidates], "chosen": asdict(chosen), "timings": timings,
+    }
+    if screened:
+        report["screened"] = [asdict(c) for c in screened]
+    return report
+
+
+def chosen_coefficients(chosen: Candidate) -> torch.Tensor | None:
+    return torch.tensor(chosen.coefficients, dtype=torch.float64) if chosen.coefficients is not None else None
 
 
 def calibrated_fold(
@@ -362,32 +503,13 @@ def calibrated_fold(
     model = load_task_model(new, config.device)
     layer_map = layer_map or LayerMap.from_model(model)
     n = layer_map.num_layers + 1
-    profile = _check_profile(profile, n)
+    profile = check_profile(profile, n)
     timings = {"load": time.perf_counter() - t0}
-    t = time.perf_counter()
-    scores = score_tasks(model, fingerprints, config.batch_size)
-    new_cand = Candidate("new", "new", None, None if from_base else [1.0] * n,
-                         {k: asdict(s) for k, s in scores.items()}, objective(scores, tw))
-    timings["score_new"] = time.perf_counter() - t
-    t = time.perf_counter()
-    delta, layers = _delta_and_deploy(model, deployed, parent, layer_map)
-    timings["delta"] = time.perf_counter() - t
-    t = time.perf_counter()
-    search = FoldSearch(model, delta, layers, n, fingerprints, tw, config.batch_size)
-    del model, delta  # the search holds the only references: released with it below
-    search.register(new_cand, None if from_base else torch.ones(n, dtype=torch.float64))
-    chosen = search_fold(search, profile, config, n)
-    timings["search"] = time.perf_counter() - t
-    candidates = search.candidates
-    del search
+    found = search_loaded(
+        model, lambda m: _delta_and_deploy(m, deployed, parent, layer_map), n, fingerprints, tw, profile, config,
+        from_base, timings)
+    del model
     timings["total"] = time.perf_counter() - t0
     inputs = [parent, deployed, new] if from_base else [deployed, new]
-    report = {
-        "protocol": "from-base" if from_base else "chain", "inputs": [str(p) for p in inputs], "new_task": new_task,
-        "task_weights": tw, "profile": None if profile is None else profile.tolist(), "config": asdict(config),
-        "candidates": [asdict(c) for c in candidates], "chosen": asdict(chosen), "timings": timings,
-    }
-    logger.info("Calibrated fold chose %s (objective %.5f) of %d candidates in %.1fs", chosen.name,
-                chosen.objective, len(candidates), timings["total"])
-    coefs = torch.tensor(chosen.coefficients, dtype=torch.float64) if chosen.coefficients is not None else None
-    return CalibratedFold(inputs, merge_weights(coefs, n, from_base), chosen, report)
+    report = fold_report(from_base, inputs, new_task, tw, profile, config, found, timings)
+    return CalibratedFold(inputs, merge_weights(chosen_coefficients(found[0]), n, from_base), found[0], report)

@@ -2,9 +2,10 @@
 
 `recall_hf.merge` calls these when `RecallConfig.calibrate` is on: `check_calibrate` before any work,
 `fold_plan` between the plan and fusion (D = the deployed model, the second-to-last input; N = the newest; P = the
-`--base` model in the from-base form, else D), and `carry_fingerprints` into the staged output, so the next merge
-scores its candidates against every task folded so far. The fingerprints hold the typical samples' token ids: the
-output's `_recall_private/fingerprints/` is private to the deployment, like `recall_samples.jsonl`.
+`--base` model in the from-base form, else D; LoRA adapters fold on their base, `lora.calibrate`), and
+`carry_fingerprints` into the staged output, so the next merge scores its candidates against every task folded so far.
+The fingerprints hold the typical samples' token ids: the output's `_recall_private/fingerprints/` is private to the
+deployment, like `recall_samples.jsonl`.
 """
 
 from __future__ import annotations
@@ -17,11 +18,8 @@ from .plan import MergePlan
 
 
 def check_calibrate(kind: str, dirs: list[Path]) -> None:
-    """`calibrate=True` needs full models, exactly two of them (the deployed and the new), and the new one's
-    fingerprint; each refusal is one line saying what to do."""
-    if kind == "adapter":
-        raise ValueError("calibrate is not implemented for LoRA adapter merges yet; merge adapters with "
-                         "--no-calibrate (or fold them into full models with `recall-hf fold` first).")
+    """`calibrate=True` needs exactly two models or adapters (the deployed and the new) and the new one's fingerprint;
+    each refusal is one line saying what to do (adapters: `lora.calibrate.check_calibrate_adapters` too)."""
     if len(dirs) != 2:
         raise ValueError(f"calibrate folds one new model into the deployed one: pass exactly 2 models (the deployed "
                          f"one, then the new one; the base goes in --base), got {len(dirs)}.")
@@ -36,10 +34,14 @@ def input_fingerprints(plan: MergePlan) -> dict[str, Fingerprint]:
 
 
 def fold_plan(plan: MergePlan, fingerprints: dict[str, Fingerprint]) -> CalibratedFold:
-    """Search the fold of the newest model into the deployed one, RECALL's newest-model weights as the profile."""
-    base = getattr(plan.strategy, "base", None)
+    """Search the fold of the newest model into the deployed one, RECALL's newest-model weights as the profile
+    (adapters: the strategy's own `calibrated_fold` on the bare base)."""
     new_task = load_fingerprint(plan.models[-1] / FINGERPRINT_NAME).task
-    config = CalibrationConfig(batch_size=plan.config.batch_size, device=plan.config.device)
+    config = CalibrationConfig(batch_size=plan.config.batch_size, device=plan.config.device,
+                               screen_samples=plan.config.calibrate_screen)
+    if plan.kind == "adapter":
+        return plan.strategy.calibrated_fold(fingerprints, new_task, plan.coefficients[:, -1], config)
+    base = getattr(plan.strategy, "base", None)
     return calibrated_fold(plan.models[-2], plan.models[-1], fingerprints, new_task, parent=base,
                            profile=plan.coefficients[:, -1], config=config)
 

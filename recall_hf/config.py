@@ -55,9 +55,12 @@ class RecallConfig:
             `task_vector`: `theta_base + sum_k c_k (theta_k - theta_base)` with `c = (w/m) / max(w/m)` per layer;
             needs the common base model, for task models each fine-tuned from that base.
         calibrate (`bool`, *optional*, defaults to `False`):
-            Calibrated fold (SPEC 2.7, full models, two models): search candidate folds of the newest model into
-            the deployed one and keep the one closest to every folded task's fingerprint; the output carries
+            Calibrated fold (SPEC 2.7, two models or two LoRA adapters): search candidate folds of the newest model
+            into the deployed one and keep the one closest to every folded task's fingerprint; the output carries
             every task's fingerprint. Needs `recall-hf task-checkpoint` on the new model. `False`: the paper's rule.
+        calibrate_screen (`int`, *optional*, defaults to `0`):
+            With `calibrate`: score every candidate on this many samples per task, then only the best 2 on all of
+            them (`CalibrationConfig.screen_samples`); cheaper, and may choose differently. 0: the full search.
         normalize_depth (`bool`, *optional*, defaults to `False`):
             Rescale each layer's divergence by its spread across layers before the softmax.
         batch_size (`int`, *optional*, defaults to `8`):
@@ -105,8 +108,13 @@ class RecallConfig:
     )
     calibrate: bool = field(
         default=False,
-        metadata={"help": "Calibrated fold: pick the fold closest to every task's fingerprint (full models, 2 models; "
-                  "--base DIR for the from-base form). The output keeps every task's fingerprint."},
+        metadata={"help": "Calibrated fold: pick the fold closest to every task's fingerprint (2 models or 2 LoRA "
+                  "adapters; --base DIR for the from-base form). The output keeps every task's fingerprint."},
+    )
+    calibrate_screen: int = field(
+        default=0,
+        metadata={"help": "Calibrated fold, cheaper search that may choose differently: score candidates on this many "
+                  "samples per task, then the best 2 on all (0: every candidate on all samples)."},
     )
     normalize_depth: bool = field(default=False, metadata={"help": "Rescale layer divergences by their spread."})
     batch_size: int = field(default=8, metadata={"help": "Batch size of the forward passes."})
@@ -141,6 +149,8 @@ class RecallConfig:
             raise ValueError(f"RecallConfig.dtype must be float32, bfloat16, float16 or None; got {self.dtype!r}.")
         if self.max_rank is not None and self.max_rank < 1:
             raise ValueError(f"RecallConfig.max_rank must be >= 1 or None, got {self.max_rank}.")
+        if self.calibrate_screen < 0:
+            raise ValueError(f"RecallConfig.calibrate_screen must be >= 0, got {self.calibrate_screen}.")
         if self.batch_size < 1 or self.max_length < 1:
             raise ValueError("RecallConfig.batch_size and max_length must be >= 1.")
 

@@ -27,7 +27,7 @@ import inspect
 import logging
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -102,6 +102,14 @@ class Fingerprint:
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {name: getattr(self, name) for name in TENSORS[self.kind]}
+
+    def subset(self, count: int) -> Fingerprint:
+        """The fingerprint of `count` samples spread evenly over this one's (all of them when it has no more)."""
+        if count >= self.num_samples:
+            return self
+        index = torch.linspace(0, self.num_samples - 1, max(count, 1)).round().long().unique()
+        pick = {name: getattr(self, name) for name in TENSORS[self.kind]}
+        return replace(self, **{name: t[index] for name, t in pick.items()})
 
     def rows(self, index: list[int]) -> list[list[int]]:
         """The token ids of samples `index`, unpadded."""
@@ -508,6 +516,28 @@ def _replay_batch(model, fp: Fingerprint, index: list[int]) -> tuple[torch.Tenso
     return torch.full((len(index),), float("nan"), dtype=torch.float64), pool
 
 
+def _check_pooled(fp: Fingerprint, pooled: torch.Tensor) -> None:
+    if pooled.shape[-1] != fp.pooled.shape[-1]:
+        raise ValueError(f"Fingerprint of task {fp.task!r} has hidden size {fp.pooled.shape[-1]}, the model "
+                         f"{pooled.shape[-1]}.")
+
+
+def _pooled_scale(fp: Fingerprint) -> float:
+    """The stored representations' mean squared norm: what `representation_shift` is relative to."""
+    return float(fp.pooled.double().pow(2).sum(-1).mean())
+
+
+def _task_score(fp: Fingerprint, divs: list[torch.Tensor], pools: list[torch.Tensor], order: list[int]) -> TaskScore:
+    """One task's score from its replayed batches (per-sample divergences, pooled outputs, sample order)."""
+    pooled = torch.cat(pools)
+    _check_pooled(fp, pooled)
+    shift = representation_shift(fp.pooled[order], pooled, _pooled_scale(fp)).mean().item()
+    div = torch.cat(divs).mean().item() if fp.kind != "representation" else shift
+    if not (torch.isfinite(torch.tensor([div, shift])).all()):
+        raise RuntimeError(f"The model produces NaN/Inf on task {fp.task!r}'s samples; its weights are corrupt.")
+    return TaskScore(divergence=div, representation=shift)
+
+
 @torch.no_grad()
 def fingerprint_divergence(model: torch.nn.Module, fingerprint: Fingerprint, batch_size: int = 8) -> TaskScore:
     """Replay a fingerprint's stored ids through `model` (batched, no generation) and score how far it moved.
@@ -525,16 +555,7 @@ def fingerprint_divergence(model: torch.nn.Module, fingerprint: Fingerprint, bat
             divs.append(div)
             pools.append(pool)
             order += index
-    pooled = torch.cat(pools)
-    if pooled.shape[-1] != fp.pooled.shape[-1]:
-        raise ValueError(f"Fingerprint of task {fp.task!r} has hidden size {fp.pooled.shape[-1]}, the model "
-                         f"{pooled.shape[-1]}.")
-    scale = float(fp.pooled.double().pow(2).sum(-1).mean())
-    shift = representation_shift(fp.pooled[order], pooled, scale).mean().item()
-    div = torch.cat(divs).mean().item() if fp.kind != "representation" else shift
-    if not (torch.isfinite(torch.tensor([div, shift])).all()):
-        raise RuntimeError(f"The model produces NaN/Inf on task {fp.task!r}'s samples; its weights are corrupt.")
-    return TaskScore(divergence=div, representation=shift)
+    return _task_score(fp, divs, pools, order)
 
 
 def score_tasks(
@@ -542,6 +563,47 @@ def score_tasks(
 ) -> dict[str, TaskScore]:
     """`fingerprint_divergence` of every task, by name."""
     return {task: fingerprint_divergence(model, fp, batch_size) for task, fp in fingerprints.items()}
+
+
+def _batch_share(fp: Fingerprint, div: torch.Tensor, pool: torch.Tensor, index: list[int], scale: float) -> float:
+    """A batch's share of its task's divergence (the task's mean over samples, summed over batches)."""
+    if fp.kind == "representation":
+        _check_pooled(fp, pool)
+        div = representation_shift(fp.pooled[index], pool, scale)
+    return float(div.double().sum()) / fp.num_samples
+
+
+@torch.no_grad()
+def score_tasks_bounded(
+    model: torch.nn.Module, fingerprints: Mapping[str, Fingerprint], weights: Mapping[str, float], bound: float,
+    batch_size: int = 8, order: list[str] | None = None,
+) -> tuple[dict[str, TaskScore], float, bool]:
+    """`score_tasks`, stopped as soon as the weighted objective `sum_t weights[t] * divergence_t` must exceed
+    `bound`: every per-sample divergence is >= 0, so the part replayed so far is a lower bound of it.
+
+    Tasks run in `order` (default: as given), each in `fingerprint_divergence`'s batches, so a task replayed to the
+    end scores exactly as there.
+
+    Returns:
+        `(scores, value, complete)`: every task's `TaskScore` and the objective; when stopped, the tasks replayed to
+        the end, the lower bound reached and `False`.
+    """
+    partial, scores = 0.0, {}
+    with _evaluating(model):
+        for task in order or list(fingerprints):
+            fp, w = fingerprints[task], float(weights.get(task, 0.0))
+            _check_fits(model, fp)
+            scale, divs, pools, seen = _pooled_scale(fp), [], [], []
+            for index in _batches(fp.num_samples, batch_size, fp.lengths.tolist()):
+                div, pool = _replay_batch(model, fp, index)
+                divs.append(div)
+                pools.append(pool)
+                seen += index
+                partial += w * _batch_share(fp, div, pool, index, scale)
+                if partial > bound:
+                    return scores, partial, False
+            scores[task] = _task_score(fp, divs, pools, seen)
+    return scores, sum(float(weights.get(t, 0.0)) * s.divergence for t, s in scores.items()), True
 
 
 # ------------------------------------------------------------------------------------------------- edges

@@ -18,7 +18,13 @@ from recall_hf.calibrate import (
     profile_coefficients,
     task_weights,
 )
-from recall_hf.fingerprint import FingerprintConfig, compute_fingerprint, load_task_model, score_tasks
+from recall_hf.fingerprint import (
+    FingerprintConfig,
+    compute_fingerprint,
+    load_task_model,
+    score_tasks,
+    score_tasks_bounded,
+)
 from recall_hf.fusion import fuse_checkpoints
 from recall_hf.layers import LayerMap
 from recall_hf.safetensors_io import CheckpointReader
@@ -26,7 +32,7 @@ from recall_hf.tiny import build_tiny_model
 
 SMALL = FingerprintConfig(top_k=8, steps=3, max_length=32, batch_size=8)
 OLD_TEXTS, NEW_TEXTS = PROBES[:3], PROBES[3:]
-FAST = CalibrationConfig(alphas=(0.5,), scales=(1.0,))
+FAST = CalibrationConfig(alphas=(0.5,), scales=(1.0,), prune=False)  # every candidate scored in full
 
 
 def _save(model, tok, path):
@@ -135,8 +141,8 @@ def test_chosen_fold_never_worse_than_either_endpoint_and_fusion_writes_it(chain
     assert cands["profile:1"]["coefficients"] == pytest.approx(profile)
     assert any(c["family"] == "group" for c in cands.values())
     assert fold.report["protocol"] == "chain" and set(fold.report["timings"]) >= {"load", "search", "total"}
-    for c in cands.values():
-        assert set(c["scores"]) == {"old", "new"}
+    for c in cands.values():  # a pruned candidate (stopped once it could not win) keeps the tasks it finished
+        assert set(c["scores"]) <= {"old", "new"} if c["pruned"] else set(c["scores"]) == {"old", "new"}
     assert fold.weights.sum(-1).tolist() == pytest.approx([1.0] * (layer_map.num_layers + 1))
     got = _fused_objective(fold, layer_map, tmp_path / "out", fps)
     assert got == pytest.approx(fold.chosen.objective, rel=1e-3, abs=1e-6)
@@ -199,3 +205,78 @@ def test_tied_embeddings_fold_and_fusion_agree(tmp_path):
     assert fold.chosen.objective <= min(cands["keep"]["objective"], cands["new"]["objective"])
     got = _fused_objective(fold, LayerMap.from_pretrained(d), tmp_path / "out", fps)
     assert got == pytest.approx(fold.chosen.objective, rel=1e-3, abs=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------- screening
+
+
+def test_fingerprint_subset_spreads_samples_evenly(chain):
+    _, _, fps = chain
+    fp = fps["new"]
+    sub = fp.subset(2)
+    assert sub.num_samples == 2 and torch.equal(sub.input_ids, fp.input_ids[[0, fp.num_samples - 1]])
+    assert torch.equal(sub.topk_logprobs, fp.topk_logprobs[[0, fp.num_samples - 1]])
+    assert fp.subset(fp.num_samples + 5) is fp
+
+
+@pytest.mark.parametrize("from_base", [False, True])
+def test_screened_search_rescores_finalists_on_every_sample(chain, tmp_path, from_base):
+    d, n, fps = chain
+    parent = None
+    if from_base:  # a from-base fold of the same two models: N's parent is a third folder
+        parent = shutil.copytree(d, tmp_path / "P")
+    full = calibrated_fold(d, n, fps, new_task="new", parent=parent, config=FAST)
+    fast = calibrated_fold(d, n, fps, new_task="new", parent=parent,
+                           config=CalibrationConfig(alphas=(0.5,), scales=(1.0,), screen_samples=1, finalists=2))
+    screened, finals = fast.report["screened"], fast.report["candidates"]
+    assert len(finals) == 2 and len(screened) == len(full.report["candidates"])
+    assert {c["name"] for c in finals} <= {c["name"] for c in screened}
+    by_name = _by_name(full)
+    for c in finals:  # the finalists' scores are the full search's scores of the same candidates
+        assert c["objective"] == pytest.approx(by_name[c["name"]]["objective"], rel=1e-6, abs=1e-9)
+    assert fast.chosen.objective == min(c["objective"] for c in finals)
+    assert any(c["objective"] != pytest.approx(by_name[c["name"]]["objective"]) for c in screened)
+
+
+# ------------------------------------------------------------------------------------------------- pruning
+
+
+def test_bounded_scores_are_the_plain_scores_or_a_lower_bound(chain):
+    d, _, fps = chain
+    model, weights = load_task_model(d), {"old": 0.5, "new": 0.5}
+    full = score_tasks(model, fps)
+    scores, value, complete = score_tasks_bounded(model, fps, weights, float("inf"), order=["new", "old"])
+    assert complete and scores == full and value == pytest.approx(sum(0.5 * s.divergence for s in full.values()))
+    scores, low, complete = score_tasks_bounded(model, fps, weights, 0.0, batch_size=2, order=["new", "old"])
+    assert not complete and scores == {} and 0 < low < value
+
+
+@pytest.mark.parametrize("from_base", [False, True])
+def test_pruning_keeps_the_choice_and_every_full_score(chain, tmp_path, from_base):
+    d, n, fps = chain
+    parent = shutil.copytree(d, tmp_path / "P") if from_base else None
+    n_layers = LayerMap.from_pretrained(d).num_layers + 1
+    profile = [0.2 + 0.8 * i / (n_layers - 1) for i in range(n_layers)]
+    runs = {prune: calibrated_fold(d, n, fps, new_task="new", parent=parent, profile=profile,
+                                   config=CalibrationConfig(prune=prune, layer_groups=2))
+            for prune in (False, True)}
+    plain, pruned = (_by_name(runs[p]) for p in (False, True))
+    assert runs[True].chosen.name == runs[False].chosen.name and torch.equal(runs[True].weights, runs[False].weights)
+    assert list(pruned) == list(plain)  # the same candidates, in the same order
+    stopped = [name for name, c in pruned.items() if c["pruned"]]
+    assert stopped, "the constructed case must prune something"
+    for name, c in pruned.items():
+        if c["pruned"]:
+            assert runs[False].chosen.objective < c["objective"] <= plain[name]["objective"] * (1 + 1e-9)
+        else:
+            assert c["objective"] == plain[name]["objective"] and c["scores"] == plain[name]["scores"]
+
+
+def test_endpoints_are_never_pruned(chain):
+    """The daemon's fingerprint gate compares the chosen fold with `keep` on every task: both endpoints stay full."""
+    d, n, fps = chain
+    fold = calibrated_fold(d, n, fps, new_task="new", config=CalibrationConfig(), weights={"old": 0, "new": 1})
+    cands = _by_name(fold)
+    assert fold.chosen.name == "new" and any(c["pruned"] for c in cands.values())
+    for name in ("keep", "new"):
+        assert not cands[name]["pruned"] and set(cands[name]["scores"]) == {"old", "new"}

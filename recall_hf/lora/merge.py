@@ -8,11 +8,13 @@ base layers are fused as full tensors.
 from __future__ import annotations
 
 import gc
+import time
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
+from ..calibrate import CalibrationConfig
 from ..config import RecallConfig
 from ..fusion import fuse_tensor
 from ..hub import hub_id_of, input_labels
@@ -23,6 +25,7 @@ from ..representations import pooled_hidden_states
 from ..safetensors_io import DTYPES
 from ..samples import select_typical_samples
 from ..weights import task_vector_coefficients
+from .calibrate import adapter_fold, check_calibrate_adapters
 from .compat import check_adapters, load_adapter
 from .io import Adapter, base_param_name, merged_adapter_config, write_adapter
 from .math import merge_factors
@@ -65,8 +68,11 @@ class AdapterMerge:
 
     def __init__(self, dirs: list[Path], base: str | Path | None, config: RecallConfig):
         self.dirs, self.config = dirs, config
+        self.from_base = base is not None  # calibrate: `--base` given means N was trained from the bare base
         self.adapters = [load_adapter(d) for d in dirs]
         base_name = check_adapters(self.adapters, base)
+        if config.calibrate:
+            check_calibrate_adapters(self.adapters, self.from_base)
         if base is not None and Path(base_name).is_dir():
             base_name = str(Path(base_name).resolve())
         self.base_name = resolve_base(base_name)
@@ -151,8 +157,30 @@ class AdapterMerge:
         factor_weights = coefficients
         if self.config.fusion == "task_vector":
             factor_weights = task_vector_coefficients(coefficients, task_counts)
+        return self._write(stage, factor_weights, coefficients, progress)
+
+    def write_fused(self, stage: Path, inputs: list[Path], fusion_weights: torch.Tensor, progress: bool) -> dict:
+        """The merged adapter with per-layer weights over `inputs` as given (a calibrated fold: `[D, N]`), used for
+        the factors and the full tensors alike."""
+        if [Path(p).resolve() for p in inputs] != [Path(d).resolve() for d in self.dirs]:
+            raise RuntimeError(f"Fusion inputs {inputs} are not this merge's adapters.")
+        return self._write(stage, fusion_weights, fusion_weights, progress)
+
+    def calibrated_fold(self, fingerprints: dict, new_task: str | None, profile, config: CalibrationConfig):
+        """The calibrated fold of the newest adapter into the deployed one (`lora.calibrate.adapter_fold`) on the
+        bare base, loaded afresh in fp32 (the planning model has adapters' saved base layers written into it)."""
+        t = time.perf_counter()
+        model = load_model(self.base_name, self.adapters[-1].config.get("task_type"), config.device)
+        load = time.perf_counter() - t
+        fold = adapter_fold(model, self.adapters[-2], self.adapters[-1], fingerprints, new_task, self.from_base,
+                            profile, config)
+        fold.report["timings"] = {"load_base": load, **fold.report["timings"]}
+        fold.report["timings"]["total"] += load
+        return fold
+
+    def _write(self, stage: Path, factor_weights: torch.Tensor, full_weights: torch.Tensor, progress: bool) -> dict:
         tensors, ranks, errors = self._merged_factors(factor_weights, progress)
-        tensors.update(self._fused_full_tensors(coefficients))
+        tensors.update(self._fused_full_tensors(full_weights))
         to_save = list(dict.fromkeys(m for ad in self.adapters for m in (ad.config.get("modules_to_save") or [])))
         copy_aux_files(self.dirs[-1], stage)
         # Written after the copy: the newest adapter's config must not survive in the output.
