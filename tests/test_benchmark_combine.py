@@ -1,4 +1,4 @@
-"""`benchmarks.combine`: per-seed results folders become one table; mismatched setups and repeated seeds are refused."""
+"""`benchmarks.combine`: per-seed result folders become one table; other setups and repeated seeds are refused."""
 
 import json
 from pathlib import Path
@@ -6,7 +6,6 @@ from pathlib import Path
 import pytest
 
 from benchmarks import combine
-
 
 REAL = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "minilm-quick" / "results.json"
 
