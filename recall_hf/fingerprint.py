@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -546,23 +547,15 @@ def fingerprint_divergence(model: torch.nn.Module, fingerprint: Fingerprint, bat
         ValueError: the fingerprint does not fit the model (kind, vocabulary, classes, hidden size).
         RuntimeError: the model produces NaN/Inf.
     """
-    fp = fingerprint
-    _check_fits(model, fp)
-    divs, pools, order = [], [], []
-    with _evaluating(model):
-        for index in _batches(fp.num_samples, batch_size, fp.lengths.tolist()):
-            div, pool = _replay_batch(model, fp, index)
-            divs.append(div)
-            pools.append(pool)
-            order += index
-    return _task_score(fp, divs, pools, order)
+    scores, _, _ = score_tasks_bounded(model, {fingerprint.task: fingerprint}, {}, math.inf, batch_size)
+    return scores[fingerprint.task]
 
 
 def score_tasks(
     model: torch.nn.Module, fingerprints: Mapping[str, Fingerprint], batch_size: int = 8
 ) -> dict[str, TaskScore]:
     """`fingerprint_divergence` of every task, by name."""
-    return {task: fingerprint_divergence(model, fp, batch_size) for task, fp in fingerprints.items()}
+    return score_tasks_bounded(model, fingerprints, {}, math.inf, batch_size)[0]
 
 
 def _batch_share(fp: Fingerprint, div: torch.Tensor, pool: torch.Tensor, index: list[int], scale: float) -> float:
@@ -599,9 +592,10 @@ def score_tasks_bounded(
                 divs.append(div)
                 pools.append(pool)
                 seen += index
-                partial += w * _batch_share(fp, div, pool, index, scale)
-                if partial > bound:
-                    return scores, partial, False
+                if w:  # a task outside the objective only needs its score
+                    partial += w * _batch_share(fp, div, pool, index, scale)
+                    if partial > bound:
+                        return scores, partial, False
             scores[task] = _task_score(fp, divs, pools, seen)
     return scores, sum(float(weights.get(t, 0.0)) * s.divergence for t, s in scores.items()), True
 
