@@ -272,8 +272,7 @@ class FoldSearch:
                                  pruned=True)
         else:
             scores = self.scorer(self.model, self.fingerprints)
-        return Candidate(name, family, param, a.tolist(), {t: asdict(s) for t, s in scores.items()},
-                         objective(scores, self.weights))
+        return _scored(name, family, param, a.tolist(), scores, self.weights)
 
     def evaluate(self, name: str, family: str, param: float | None, a: torch.Tensor,
                  bound: float | None = None) -> Candidate:
