@@ -707,7 +707,11 @@ class CalibratedEngine:
 
         t = time.perf_counter()
         n = self.fam.layer_map.num_layers + 1
-        weights = C.task_weights(list(fps), new_task, opts["new"] or None)
+        weights, scales = C.task_weights(list(fps), new_task, opts["new"] or None), None
+        if opts["norm"]:
+            from recall_hf.fingerprint import output_size
+
+            weights, scales = C.normalized_weights(weights, fps, output_size(self.fam.core))
         scorer = lambda m, f: self.scores(m, f, heads)  # noqa: E731
         new_cand = None
         if from_base:  # the new model as it is lies outside D + a (N - base): score it on its own
@@ -730,7 +734,8 @@ class CalibratedEngine:
             merged = self.fam.shared_state()
         self.seconds["search"] += time.perf_counter() - t
         record = {"chosen": chosen.name, "objective": chosen.objective,
-                  "candidates": {c.name: c.objective for c in search.candidates}}
+                  "candidates": {c.name: c.objective for c in search.candidates}, "scales": scales,
+                  "divergence": {c.name: {t: v["divergence"] for t, v in c.scores.items()} for c in search.candidates}}
         return merged, record
 
 

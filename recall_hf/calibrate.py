@@ -12,8 +12,10 @@ plus both endpoints: keep D (`a = 0`) and take N as it is (`a = 1` when P = D; N
 family member one refinement halves the grid step, and optionally each layer group's coefficients are nudged once.
 Each candidate is scored by replaying every task's fingerprint (`fingerprint.py`); the objective is the weighted
 mean of the per-task divergences, tasks equal by default, the newest task's share settable so that it does not fade
-as tasks accumulate. The minimum wins; since both endpoints are candidates, the chosen fold never scores worse
-than either of them.
+as tasks accumulate. With `normalize` each task's divergence is divided by its information scale (how far its own
+model's stored predictions are from a uniform guess, `fingerprint.information_scale`): raw KLs of a confident head
+and an unsure one are not comparable, and without it the confident tasks decide every fold. The minimum wins;
+since both endpoints are candidates, the chosen fold never scores worse than either of them.
 
 Memory: one working model plus one delta `N - P` (two models in fp32). The working model moves from candidate to
 candidate in place (`theta += (a'_l - a_l) * delta`); no candidate is written to disk. Models larger than two fp32
@@ -31,7 +33,15 @@ from pathlib import Path
 
 import torch
 
-from .fingerprint import Fingerprint, TaskScore, load_task_model, score_tasks, score_tasks_bounded
+from .fingerprint import (
+    Fingerprint,
+    TaskScore,
+    information_scale,
+    load_task_model,
+    output_size,
+    score_tasks,
+    score_tasks_bounded,
+)
 from .layers import LayerMap
 from .safetensors_io import CheckpointReader
 
@@ -73,6 +83,9 @@ class CalibrationConfig:
             task (spread evenly), then only the `finalists` best in full; the fold is the best finalist.
         finalists (`int`, *optional*, defaults to `2`):
             Screened candidates re-scored on every sample (with `screen_samples`).
+        normalize (`bool`, *optional*, defaults to `False`):
+            Divide each task's divergence by its fingerprint's information scale (`fingerprint.information_scale`):
+            the objective becomes the mean share of each task model's knowledge lost, whatever its confidence.
     """
 
     alphas: tuple[float, ...] = field(default=(0.25, 0.5, 0.75), metadata={"help": "Constant coefficients tried."})
@@ -87,6 +100,7 @@ class CalibrationConfig:
     prune: bool = field(default=True, metadata={"help": "Stop scoring a candidate once it cannot win."})
     screen_samples: int = field(default=0, metadata={"help": "Screen candidates on this many samples per task."})
     finalists: int = field(default=2, metadata={"help": "Screened candidates re-scored in full."})
+    normalize: bool = field(default=False, metadata={"help": "Divide each task's divergence by its scale."})
 
     def __post_init__(self) -> None:
         values = [*self.alphas, *self.scales]
@@ -145,6 +159,27 @@ def task_weights(
         raw = dict.fromkeys(tasks, 1.0)
     total = sum(raw.values())
     return {t: w / total for t, w in raw.items()}
+
+
+def normalized_weights(
+    weights: Mapping[str, float], fingerprints: Mapping[str, Fingerprint], vocab_size: int | None
+) -> tuple[dict[str, float], dict[str, float]]:
+    """`(weights[t] / scale_t, scale_t)` per task, `scale_t = information_scale(fingerprints[t])`: the weighted mean
+    of divergences becomes the weighted mean of each task's share of its own model's knowledge lost."""
+    scales = {t: information_scale(fingerprints[t], vocab_size) for t in weights}
+    return {t: w / scales[t] for t, w in weights.items()}, scales
+
+
+def objective_weights(
+    fingerprints: Mapping[str, Fingerprint], new_task: str | None, config: CalibrationConfig,
+    weights: Mapping[str, float] | None, model,
+) -> tuple[dict[str, float], dict[str, float] | None]:
+    """The objective's weight per task (`task_weights`, divided by each task's information scale with
+    `config.normalize`) and the scales (`None` without `normalize`)."""
+    tw = task_weights(list(fingerprints), new_task, config.new_task_weight, weights)
+    if not config.normalize:
+        return tw, None
+    return normalized_weights(tw, fingerprints, output_size(model))
 
 
 def objective(scores: Mapping[str, TaskScore], weights: Mapping[str, float]) -> float:
@@ -444,15 +479,18 @@ def search_loaded(
 def fold_report(
     from_base: bool, inputs: list[Path], new_task: str | None, tw: Mapping[str, float], profile: torch.Tensor | None,
     config: CalibrationConfig, found: tuple[Candidate, list[Candidate], list[Candidate]], timings: dict[str, float],
+    scales: Mapping[str, float] | None = None,
 ) -> dict:
-    """The search's report: protocol, inputs, weights, every candidate with its per-task scores, the chosen one
-    (and, with screening, every screened candidate under `screened`)."""
+    """The search's report: protocol, inputs, weights (and with `normalize` each task's information scale), every
+    candidate with its per-task scores, the chosen one (and, with screening, every screened candidate under
+    `screened`)."""
     chosen, candidates, screened = found
     logger.info("Calibrated fold chose %s (objective %.5f) of %d candidates in %.1fs", chosen.name,
                 chosen.objective, len(candidates) + len(screened), timings["total"])
     report = {
         "protocol": "from-base" if from_base else "chain", "inputs": [str(p) for p in inputs], "new_task": new_task,
-        "task_weights": dict(tw), "profile": None if profile is None else profile.tolist(), "config": asdict(config),
+        "task_weights": dict(tw), "scales": None if scales is None else dict(scales),
+        "profile": None if profile is None else profile.tolist(), "config": asdict(config),
         "candidates": [asdict(c) for c in candidates], "chosen": asdict(chosen), "timings": timings,
     }
     if screened:
@@ -498,8 +536,8 @@ def calibrated_fold(
     deployed, new = Path(deployed), Path(new)
     parent = Path(parent) if parent is not None else deployed
     from_base = parent.resolve() != deployed.resolve()
-    tw = task_weights(list(fingerprints), new_task, config.new_task_weight, weights)
     model = load_task_model(new, config.device)
+    tw, scales = objective_weights(fingerprints, new_task, config, weights, model)
     layer_map = layer_map or LayerMap.from_model(model)
     n = layer_map.num_layers + 1
     profile = check_profile(profile, n)
@@ -510,5 +548,5 @@ def calibrated_fold(
     del model
     timings["total"] = time.perf_counter() - t0
     inputs = [parent, deployed, new] if from_base else [deployed, new]
-    report = fold_report(from_base, inputs, new_task, tw, profile, config, found, timings)
+    report = fold_report(from_base, inputs, new_task, tw, profile, config, found, timings, scales)
     return CalibratedFold(inputs, merge_weights(chosen_coefficients(found[0]), n, from_base), found[0], report)

@@ -297,6 +297,35 @@ def representation_shift(p_pooled: torch.Tensor, q_pooled: torch.Tensor, scale: 
     return (q_pooled.double() - p_pooled.double()).pow(2).sum(-1) / max(scale, 1e-12)
 
 
+def information_scale(fp: Fingerprint, vocab_size: int | None = None) -> float:
+    """How far the task model's own stored predictions are from a uniform guess, in the fingerprint's divergence.
+
+    `divergence / information_scale` is the share of what the task model knows beyond chance that a candidate has
+    lost, comparable between a confident head and an unsure one (their KLs are not). Classifiers: the mean of
+    `KL(softmax(logits) || uniform over C)`; LMs: `topk_kl` against a uniform next token over `vocab_size` (the
+    model's output size); representations: 1 (`representation_shift` is relative already). Floored at 1e-6.
+    """
+    if fp.kind == "classifier":
+        kl = logits_kl(fp.logits, torch.zeros_like(fp.logits))
+    elif fp.kind == "lm":
+        if vocab_size is None or vocab_size <= int(fp.topk_ids.shape[-1]):
+            raise ValueError(f"information_scale of LM task {fp.task!r} needs the model's vocabulary size (more than "
+                             f"the {int(fp.topk_ids.shape[-1])} stored tokens), got {vocab_size}.")
+        kl = topk_kl(fp.topk_logprobs, torch.full_like(fp.topk_logprobs, -math.log(vocab_size))).mean(-1)
+    else:
+        return 1.0
+    value = float(kl.mean())
+    if not math.isfinite(value):
+        raise ValueError(f"Fingerprint of task {fp.task!r} holds non-finite predictions.")
+    return max(value, 1e-6)
+
+
+def output_size(model: torch.nn.Module) -> int | None:
+    """The number of next-token logits of a causal LM (its output embedding's rows), else `None`."""
+    head = _inner(model).get_output_embeddings() if hasattr(_inner(model), "get_output_embeddings") else None
+    return int(head.weight.shape[0]) if head is not None else None
+
+
 # ------------------------------------------------------------------------------------------------- forward passes
 
 
