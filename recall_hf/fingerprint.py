@@ -311,7 +311,8 @@ def information_scale(fp: Fingerprint, vocab_size: int | None = None) -> float:
         if vocab_size is None or vocab_size <= int(fp.topk_ids.shape[-1]):
             raise ValueError(f"information_scale of LM task {fp.task!r} needs the model's vocabulary size (more than "
                              f"the {int(fp.topk_ids.shape[-1])} stored tokens), got {vocab_size}.")
-        kl = topk_kl(fp.topk_logprobs, torch.full_like(fp.topk_logprobs, -math.log(vocab_size))).mean(-1)
+        uniform = torch.full(fp.topk_logprobs.shape, -math.log(vocab_size), dtype=torch.float64)
+        kl = topk_kl(fp.topk_logprobs, uniform).mean(-1)
     else:
         return 1.0
     value = float(kl.mean())

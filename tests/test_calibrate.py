@@ -21,6 +21,7 @@ from recall_hf.calibrate import (
 from recall_hf.fingerprint import (
     FingerprintConfig,
     compute_fingerprint,
+    information_scale,
     load_task_model,
     score_tasks,
     score_tasks_bounded,
@@ -146,6 +147,26 @@ def test_chosen_fold_never_worse_than_either_endpoint_and_fusion_writes_it(chain
     assert fold.weights.sum(-1).tolist() == pytest.approx([1.0] * (layer_map.num_layers + 1))
     got = _fused_objective(fold, layer_map, tmp_path / "out", fps)
     assert got == pytest.approx(fold.chosen.objective, rel=1e-3, abs=1e-6)
+
+
+def test_normalized_objective_divides_each_task_by_its_information_scale(chain):
+    d, n, fps = chain
+    plain = calibrated_fold(d, n, fps, new_task="new", config=FAST)
+    fold = calibrated_fold(d, n, fps, new_task="new", config=CalibrationConfig(alphas=(0.5,), scales=(1.0,),
+                                                                               prune=False, normalize=True))
+    vocab = load_task_model(d).lm_head.weight.shape[0]
+    scales = {t: information_scale(fp, vocab) for t, fp in fps.items()}
+    assert fold.report["scales"] == pytest.approx(scales) and plain.report["scales"] is None
+    assert fold.report["task_weights"] == pytest.approx({t: 0.5 / scales[t] for t in fps})
+    plain_by_name = _by_name(plain)
+    shared = set(_by_name(fold)) & set(plain_by_name)  # the refinement's midpoints may differ
+    assert {"keep", "new", "constant:0.5"} <= shared
+    for name, c in _by_name(fold).items():  # the same replays, weighed by 1 / scale
+        if name in shared:
+            assert c["scores"] == plain_by_name[name]["scores"]
+        expected = sum(0.5 * c["scores"][t]["divergence"] / scales[t] for t in fps)
+        assert c["objective"] == pytest.approx(expected, rel=1e-9)
+    assert fold.chosen.objective == min(c["objective"] for c in fold.report["candidates"])
 
 
 def test_a_bad_profile_is_refused(chain):

@@ -16,9 +16,11 @@ from recall_hf.fingerprint import (
     collect_fingerprints,
     compute_fingerprint,
     fingerprint_divergence,
+    information_scale,
     load_fingerprint,
     load_task_model,
     logits_kl,
+    output_size,
     read_fingerprints,
     save_fingerprint,
     topk_kl,
@@ -63,6 +65,28 @@ def test_logits_kl_matches_the_definition():
     lp, lq = torch.log_softmax(p.double(), -1), torch.log_softmax(q.double(), -1)
     assert logits_kl(p, q).item() == pytest.approx((lp.exp() * (lp - lq)).sum().item())
     assert logits_kl(p, p).item() == pytest.approx(0.0, abs=1e-12)
+
+
+def test_information_scale_is_the_kl_of_the_task_models_predictions_from_a_uniform_guess(tiny):
+    model, _, fp = tiny["bert"]
+    lp = torch.log_softmax(fp.logits.double(), -1)
+    n_classes = fp.logits.shape[-1]
+    expected = (math.log(n_classes) + (lp.exp() * lp).sum(-1)).mean().item()  # log C - H(p)
+    assert information_scale(fp) == pytest.approx(expected, rel=1e-9) and expected > 0
+    assert information_scale(replace(fp, logits=torch.zeros_like(fp.logits))) == 1e-6  # a guess knows nothing
+    assert output_size(model) is None
+
+    model, _, fp = tiny["llama"]
+    vocab = output_size(model)
+    assert vocab == model.lm_head.weight.shape[0]
+    p = fp.topk_logprobs.double().exp()
+    tail = 1 - p.sum(-1)
+    k = fp.topk_ids.shape[-1]
+    by_hand = (p * (fp.topk_logprobs.double() + math.log(vocab))).sum(-1) + tail * (tail.log() - math.log(1 - k / vocab))
+    assert information_scale(fp, vocab) == pytest.approx(by_hand.mean().item(), rel=1e-9)
+    with pytest.raises(ValueError, match="vocabulary size"):
+        information_scale(fp)
+    assert information_scale(replace(fp, kind="representation")) == 1.0
 
 
 # ------------------------------------------------------------------------------------------------- replay
