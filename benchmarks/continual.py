@@ -707,18 +707,15 @@ class CalibratedEngine:
 
         t = time.perf_counter()
         n = self.fam.layer_map.num_layers + 1
-        weights, scales = C.task_weights(list(fps), new_task, opts["new"] or None), None
-        if opts["norm"]:
-            from recall_hf.fingerprint import output_size
-
-            weights, scales = C.normalized_weights(weights, fps, output_size(self.fam.core))
+        cfg = C.CalibrationConfig(new_task_weight=opts["new"] or None, normalize=bool(opts["norm"]), rule=opts["rule"])
+        weights = C.build_objective(fps, new_task, cfg, None, self.fam.core)
         scorer = lambda m, f: self.scores(m, f, heads)  # noqa: E731
         new_cand = None
         if from_base:  # the new model as it is lies outside D + a (N - base): score it on its own
             self.fam.load(new)
             s = scorer(self.fam.core, fps)
             new_cand = C.Candidate("new", "new", None, None, {k: asdict(v) for k, v in s.items()},
-                                   C.objective(s, weights))
+                                   weights.value(s))
         self.fam.load(deployed)
         params = dict(self.fam.core.named_parameters())
         delta = {k: (new[k] - parent[k]).to(params[k].device) for k in params if k in new}
@@ -734,7 +731,7 @@ class CalibratedEngine:
             merged = self.fam.shared_state()
         self.seconds["search"] += time.perf_counter() - t
         record = {"chosen": chosen.name, "objective": chosen.objective,
-                  "candidates": {c.name: c.objective for c in search.candidates}, "scales": scales,
+                  "candidates": {c.name: c.objective for c in search.candidates}, "scales": weights.scales,
                   "divergence": {c.name: {t: v["divergence"] for t, v in c.scores.items()} for c in search.candidates}}
         return merged, record
 

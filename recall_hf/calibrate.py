@@ -26,6 +26,7 @@ merge weights over the input folders, which `fusion.fuse_checkpoints` streams in
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -46,6 +47,9 @@ from .layers import LayerMap
 from .safetensors_io import CheckpointReader
 
 logger = logging.getLogger(__name__)
+
+
+RULES = ("mean", "minimax")
 
 
 @dataclass
@@ -84,8 +88,15 @@ class CalibrationConfig:
         finalists (`int`, *optional*, defaults to `2`):
             Screened candidates re-scored on every sample (with `screen_samples`).
         normalize (`bool`, *optional*, defaults to `False`):
-            Divide each task's divergence by its fingerprint's information scale (`fingerprint.information_scale`):
-            the objective becomes the mean share of each task model's knowledge lost, whatever its confidence.
+            `rule="mean"`: divide each task's divergence by its fingerprint's information scale
+            (`fingerprint.information_scale`): the objective becomes the mean share of each task model's knowledge
+            lost, whatever its confidence.
+        rule (`str`, *optional*, defaults to `"mean"`):
+            `mean`: the weighted mean of the per-task divergences. `minimax`: the largest over tasks of a task's
+            divergence above its better endpoint (keep D or take N), divided by its information scale (and
+            weighted by `weight / max weight`): the fold where the worst-off task has lost the least of what its
+            own model knows, whatever the number of tasks. Scores every candidate in full (no pruning) and does not
+            combine with `screen_samples`.
     """
 
     alphas: tuple[float, ...] = field(default=(0.25, 0.5, 0.75), metadata={"help": "Constant coefficients tried."})
@@ -101,6 +112,7 @@ class CalibrationConfig:
     screen_samples: int = field(default=0, metadata={"help": "Screen candidates on this many samples per task."})
     finalists: int = field(default=2, metadata={"help": "Screened candidates re-scored in full."})
     normalize: bool = field(default=False, metadata={"help": "Divide each task's divergence by its scale."})
+    rule: str = field(default="mean", metadata={"help": "mean or minimax over tasks.", "choices": RULES})
 
     def __post_init__(self) -> None:
         values = [*self.alphas, *self.scales]
@@ -114,6 +126,11 @@ class CalibrationConfig:
             raise ValueError(f"CalibrationConfig.new_task_weight must be in (0, 1], got {self.new_task_weight}.")
         if self.batch_size < 1:
             raise ValueError(f"CalibrationConfig.batch_size must be >= 1, got {self.batch_size}.")
+        if self.rule not in RULES:
+            raise ValueError(f"CalibrationConfig.rule must be one of {RULES}, got {self.rule!r}.")
+        if self.rule == "minimax" and self.screen_samples:
+            raise ValueError("CalibrationConfig.rule='minimax' scores every candidate on every sample; set "
+                             "screen_samples=0 (or use rule='mean').")
         if self.screen_samples < 0 or self.finalists < 1:
             raise ValueError(f"CalibrationConfig.screen_samples must be >= 0 and finalists >= 1, got "
                              f"{self.screen_samples} and {self.finalists}.")
@@ -170,21 +187,70 @@ def normalized_weights(
     return {t: w / scales[t] for t, w in weights.items()}, scales
 
 
-def objective_weights(
-    fingerprints: Mapping[str, Fingerprint], new_task: str | None, config: CalibrationConfig,
-    weights: Mapping[str, float] | None, model,
-) -> tuple[dict[str, float], dict[str, float] | None]:
-    """The objective's weight per task (`task_weights`, divided by each task's information scale with
-    `config.normalize`) and the scales (`None` without `normalize`)."""
-    tw = task_weights(list(fingerprints), new_task, config.new_task_weight, weights)
-    if not config.normalize:
-        return tw, None
-    return normalized_weights(tw, fingerprints, output_size(model))
+def _divergence(score: TaskScore | Mapping[str, float]) -> float:
+    return score.divergence if isinstance(score, TaskScore) else float(score["divergence"])
 
 
 def objective(scores: Mapping[str, TaskScore], weights: Mapping[str, float]) -> float:
     """Weighted mean over tasks of the fingerprint divergence."""
-    return float(sum(weights[t] * scores[t].divergence for t in weights))
+    return float(sum(weights[t] * _divergence(scores[t]) for t in weights))
+
+
+def minimax_regret(
+    divergences: Mapping[str, float], floor: Mapping[str, float], scales: Mapping[str, float],
+    weights: Mapping[str, float],
+) -> float:
+    """`max_t (w_t / max w) * max(0, d_t - floor_t) / scale_t`: the largest share of a task's knowledge lost beyond
+    its better endpoint."""
+    top = max(weights.values())
+    return max(weights[t] / top * max(0.0, divergences[t] - floor[t]) / scales[t] for t in weights)
+
+
+@dataclass
+class Objective:
+    """What a candidate's per-task scores cost (`CalibrationConfig.rule`).
+
+    `weights` per task (with `normalize`, already divided by `scales`); `scales` the information scales (`None`
+    when unused); `floor` each task's better endpoint divergence, set by `anchor` once keep and new are scored
+    (`minimax` only: until then its value is `inf`).
+    """
+
+    weights: dict[str, float]
+    rule: str = "mean"
+    scales: dict[str, float] | None = None
+    floor: dict[str, float] | None = None
+
+    @property
+    def linear(self) -> bool:
+        """A weighted sum of divergences, so a partial replay bounds it from below (`score_tasks_bounded`)."""
+        return self.rule == "mean"
+
+    def value(self, scores: Mapping[str, TaskScore | Mapping[str, float]]) -> float:
+        if self.rule == "mean":
+            return objective(scores, self.weights)
+        if self.floor is None:
+            return math.inf
+        return minimax_regret({t: _divergence(scores[t]) for t in self.weights}, self.floor, self.scales,
+                              self.weights)
+
+    def anchor(self, keep: Candidate, new: Candidate) -> None:
+        """Take each task's better endpoint divergence as its floor (`minimax`)."""
+        self.floor = {t: min(_divergence(keep.scores[t]), _divergence(new.scores[t])) for t in self.weights}
+
+
+def build_objective(
+    fingerprints: Mapping[str, Fingerprint], new_task: str | None, config: CalibrationConfig,
+    weights: Mapping[str, float] | None, model,
+) -> Objective:
+    """The search's objective: `task_weights`, and each task's information scale where the rule needs it
+    (`normalize`, `minimax`; LM scales use `model`'s vocabulary)."""
+    tw = task_weights(list(fingerprints), new_task, config.new_task_weight, weights)
+    if config.rule == "minimax":
+        return Objective(tw, "minimax", normalized_weights(tw, fingerprints, output_size(model))[1])
+    if not config.normalize:
+        return Objective(tw)
+    tw, scales = normalized_weights(tw, fingerprints, output_size(model))
+    return Objective(tw, scales=scales)
 
 
 def profile_coefficients(profile: torch.Tensor, scale: float, max_coefficient: float = 1.0) -> torch.Tensor:
@@ -237,21 +303,23 @@ class FoldSearch:
         layers: RECALL layer index of every name in `delta`.
         n_layers: number of layers `L + 1`.
         fingerprints: every task's fingerprint, by name.
-        weights: objective weight per task (`task_weights`).
+        weights: objective weight per task (`task_weights`), or an `Objective`.
         scorer: `scorer(model, fingerprints) -> {task: TaskScore}` (default `score_tasks`); a caller whose tasks
             each need their own head (one encoder, one classifier head per task) swaps heads in it.
-        prune: with the default scorer, stop replaying a candidate once its objective must exceed the bound passed
-            to `evaluate` (`score_tasks_bounded`); the choice stays the same, only pruned candidates' scores are
-            partial.
+        prune: with the default scorer and a linear objective, stop replaying a candidate once its objective must
+            exceed the bound passed to `evaluate` (`score_tasks_bounded`); the choice stays the same, only pruned
+            candidates' scores are partial.
     """
 
     def __init__(self, model, delta: dict[str, torch.Tensor], layers: dict[str, int], n_layers: int,
-                 fingerprints: Mapping[str, Fingerprint], weights: Mapping[str, float], batch_size: int = 8,
-                 scorer: Callable[..., Mapping[str, TaskScore]] | None = None, prune: bool = False):
+                 fingerprints: Mapping[str, Fingerprint], weights: Mapping[str, float] | Objective,
+                 batch_size: int = 8, scorer: Callable[..., Mapping[str, TaskScore]] | None = None,
+                 prune: bool = False):
         self.model, self.delta, self.layers = model, delta, layers
         self.params = dict(model.named_parameters())
-        self.fingerprints, self.weights, self.batch_size = fingerprints, weights, batch_size
-        self.prune = prune and scorer is None
+        self.goal = as_objective(weights)
+        self.fingerprints, self.weights, self.batch_size = fingerprints, self.goal.weights, batch_size
+        self.prune = prune and scorer is None and self.goal.linear
         self.scorer = scorer or (lambda m, fps: score_tasks(m, fps, batch_size))
         self.a = torch.zeros(n_layers, dtype=torch.float64)
         self.tried: dict[tuple[float, ...], Candidate] = {}
@@ -271,6 +339,12 @@ class FoldSearch:
             if s != 0.0:
                 self.params[name].add_(d, alpha=s)
         self.a = a.double().clone()
+
+    def anchor(self, keep: Candidate, new: Candidate) -> None:
+        """Anchor the objective on the endpoints' scores (`Objective.anchor`) and re-cost every candidate so far."""
+        self.goal.anchor(keep, new)
+        for cand in self.candidates:
+            cand.objective = self.goal.value(cand.scores)
 
     def register(self, candidate: Candidate, a: torch.Tensor | None) -> Candidate:
         """Record a candidate scored elsewhere (the new model as loaded), under its coefficients when it has them."""
@@ -307,7 +381,7 @@ class FoldSearch:
                                  pruned=True)
         else:
             scores = self.scorer(self.model, self.fingerprints)
-        return _scored(name, family, param, a.tolist(), scores, self.weights)
+        return _scored(name, family, param, a.tolist(), scores, self.goal)
 
     def evaluate(self, name: str, family: str, param: float | None, a: torch.Tensor,
                  bound: float | None = None) -> Candidate:
@@ -359,7 +433,12 @@ def search_fold(
 ) -> Candidate:
     """Run the whole search on a `FoldSearch` (the caller registers the new model's endpoint first); the best."""
     # Both endpoints are always scored in full: the daemon's fingerprint gate compares the chosen fold with `keep`.
-    search.evaluate("keep", "keep", 0.0, torch.zeros(n_layers, dtype=torch.float64))
+    keep = search.evaluate("keep", "keep", 0.0, torch.zeros(n_layers, dtype=torch.float64))
+    if not search.goal.linear:
+        new = next((c for c in search.candidates if c.family == "new"), None)
+        if new is None:  # the chain form's new model is the coefficients 1
+            new = search.evaluate("new", "new", None, torch.ones(n_layers, dtype=torch.float64))
+        search.anchor(keep, new)
     _family_search(search, profile, config, n_layers)
     if config.layer_groups:
         start = min((c for c in search.candidates if c.coefficients is not None), key=lambda c: c.objective)
@@ -416,13 +495,17 @@ def check_profile(profile, n_layers: int) -> torch.Tensor | None:
     return t
 
 
+def as_objective(weights: Mapping[str, float] | Objective) -> Objective:
+    return weights if isinstance(weights, Objective) else Objective(dict(weights))
+
+
 def _scored(name: str, family: str, param, coefficients, scores: Mapping[str, TaskScore], tw) -> Candidate:
     return Candidate(name, family, param, coefficients, {k: asdict(s) for k, s in scores.items()},
-                     objective(scores, tw))
+                     as_objective(tw).value(scores))
 
 
 def _finals(search: FoldSearch, new_full: Candidate | None, config: CalibrationConfig,
-            fingerprints: Mapping[str, Fingerprint], tw: Mapping[str, float]) -> list[Candidate]:
+            fingerprints: Mapping[str, Fingerprint], tw: Objective) -> list[Candidate]:
     """The `config.finalists` best screened candidates, re-scored on every sample (N as it is: `new_full`)."""
     finals = []
     for cand in sorted(search.candidates, key=lambda c: (c.pruned, c.objective))[: config.finalists]:
@@ -436,7 +519,7 @@ def _finals(search: FoldSearch, new_full: Candidate | None, config: CalibrationC
 
 
 def search_loaded(
-    model, deploy: Callable, n_layers: int, fingerprints: Mapping[str, Fingerprint], tw: Mapping[str, float],
+    model, deploy: Callable, n_layers: int, fingerprints: Mapping[str, Fingerprint], tw: Objective,
     profile: torch.Tensor | None, config: CalibrationConfig, from_base: bool, timings: dict[str, float],
 ) -> tuple[Candidate, list[Candidate], list[Candidate]]:
     """The search on a working model that holds N: score N, `deploy(model)` (moves it to D in place and returns
@@ -477,19 +560,20 @@ def search_loaded(
 
 
 def fold_report(
-    from_base: bool, inputs: list[Path], new_task: str | None, tw: Mapping[str, float], profile: torch.Tensor | None,
-    config: CalibrationConfig, found: tuple[Candidate, list[Candidate], list[Candidate]], timings: dict[str, float],
-    scales: Mapping[str, float] | None = None,
+    from_base: bool, inputs: list[Path], new_task: str | None, tw: Mapping[str, float] | Objective,
+    profile: torch.Tensor | None, config: CalibrationConfig, found: tuple[Candidate, list[Candidate], list[Candidate]],
+    timings: dict[str, float],
 ) -> dict:
-    """The search's report: protocol, inputs, weights (and with `normalize` each task's information scale), every
-    candidate with its per-task scores, the chosen one (and, with screening, every screened candidate under
-    `screened`)."""
+    """The search's report: protocol, inputs, the objective (rule, weights, each task's information scale and
+    floor where used), every candidate with its per-task scores, the chosen one (and, with screening, every screened
+    candidate under `screened`)."""
     chosen, candidates, screened = found
+    goal = as_objective(tw)
     logger.info("Calibrated fold chose %s (objective %.5f) of %d candidates in %.1fs", chosen.name,
                 chosen.objective, len(candidates) + len(screened), timings["total"])
     report = {
         "protocol": "from-base" if from_base else "chain", "inputs": [str(p) for p in inputs], "new_task": new_task,
-        "task_weights": dict(tw), "scales": None if scales is None else dict(scales),
+        "rule": goal.rule, "task_weights": dict(goal.weights), "scales": goal.scales, "floor": goal.floor,
         "profile": None if profile is None else profile.tolist(), "config": asdict(config),
         "candidates": [asdict(c) for c in candidates], "chosen": asdict(chosen), "timings": timings,
     }
@@ -537,7 +621,7 @@ def calibrated_fold(
     parent = Path(parent) if parent is not None else deployed
     from_base = parent.resolve() != deployed.resolve()
     model = load_task_model(new, config.device)
-    tw, scales = objective_weights(fingerprints, new_task, config, weights, model)
+    tw = build_objective(fingerprints, new_task, config, weights, model)
     layer_map = layer_map or LayerMap.from_model(model)
     n = layer_map.num_layers + 1
     profile = check_profile(profile, n)
@@ -548,5 +632,5 @@ def calibrated_fold(
     del model
     timings["total"] = time.perf_counter() - t0
     inputs = [parent, deployed, new] if from_base else [deployed, new]
-    report = fold_report(from_base, inputs, new_task, tw, profile, config, found, timings, scales)
+    report = fold_report(from_base, inputs, new_task, tw, profile, config, found, timings)
     return CalibratedFold(inputs, merge_weights(chosen_coefficients(found[0]), n, from_base), found[0], report)

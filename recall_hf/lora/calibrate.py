@@ -29,11 +29,11 @@ from torch import nn
 from ..calibrate import (
     CalibratedFold,
     CalibrationConfig,
+    build_objective,
     check_profile,
     chosen_coefficients,
     fold_report,
     merge_weights,
-    objective_weights,
     search_loaded,
 )
 from ..fingerprint import Fingerprint
@@ -151,7 +151,7 @@ def adapter_fold(
     """
     config, t0 = config or CalibrationConfig(), time.perf_counter()
     check_calibrate_adapters([deployed, new], from_base)
-    tw, scales = objective_weights(fingerprints, new_task, config, weights, model)
+    tw = build_objective(fingerprints, new_task, config, weights, model)
     layer_map = LayerMap.from_model(model)
     n = layer_map.num_layers + 1
     profile = check_profile(profile, n)
@@ -174,6 +174,6 @@ def adapter_fold(
     found = search_loaded(model, deploy, n, fingerprints, tw, profile, config, from_base, timings)
     timings["total"] = time.perf_counter() - t0
     inputs = [Path(deployed.dir), Path(new.dir)]
-    report = fold_report(from_base, inputs, new_task, tw, profile, config, found, timings, scales)
+    report = fold_report(from_base, inputs, new_task, tw, profile, config, found, timings)
     fold_weights = merge_weights(chosen_coefficients(found[0]), n, from_base)[:, -2:]
     return CalibratedFold(inputs, fold_weights, found[0], report)
