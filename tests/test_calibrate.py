@@ -15,6 +15,7 @@ from recall_hf.calibrate import (
     layer_groups,
     merge_weights,
     midpoints,
+    minimax_regret,
     profile_coefficients,
     task_weights,
 )
@@ -167,6 +168,60 @@ def test_normalized_objective_divides_each_task_by_its_information_scale(chain):
         expected = sum(0.5 * c["scores"][t]["divergence"] / scales[t] for t in fps)
         assert c["objective"] == pytest.approx(expected, rel=1e-9)
     assert fold.chosen.objective == min(c["objective"] for c in fold.report["candidates"])
+
+
+def test_minimax_regret_is_the_largest_weighted_share_lost_beyond_the_better_endpoint():
+    floor, scales = {"a": 0.1, "b": 0.0}, {"a": 0.5, "b": 2.0}
+    assert minimax_regret({"a": 0.3, "b": 0.4}, floor, scales, {"a": 1, "b": 1}) == pytest.approx(0.4)  # 0.2/0.5
+    assert minimax_regret({"a": 0.3, "b": 1.2}, floor, scales, {"a": 1, "b": 1}) == pytest.approx(0.6)  # 1.2/2
+    assert minimax_regret({"a": 0.3, "b": 1.2}, floor, scales, {"a": 1, "b": 0.5}) == pytest.approx(0.4)
+    assert minimax_regret({"a": 0.05, "b": 0.0}, floor, scales, {"a": 1, "b": 1}) == 0.0  # better than both ends
+
+
+def _head_pair(tmp_path):
+    """D and N differing only in the output head (rows moved at random): KL along `D + a (N - D)` is smooth, so a
+    middle fold keeps both tasks better than either endpoint keeps the other's."""
+    model, tok = build_tiny_model("llama", texts=PROBES)
+    folders = []
+    for name, seed in (("D", 1), ("N", 2)):
+        m = load_task_model(_save(model, tok, tmp_path / "base")) if not folders else load_task_model(folders[0])
+        with torch.no_grad():
+            m.lm_head.weight.add_(torch.randn(m.lm_head.weight.shape, generator=torch.Generator().manual_seed(seed)))
+        folders.append(_save(m, tok, tmp_path / name))
+    return folders[0], folders[1], _task_fingerprints(folders[0], folders[1])
+
+
+def test_minimax_rule_costs_each_candidate_by_its_worst_task(tmp_path):
+    d, n, fps = _head_pair(tmp_path)
+    fold = calibrated_fold(d, n, fps, new_task="new", config=CalibrationConfig(alphas=(0.25, 0.5, 0.75),
+                                                                               scales=(), rule="minimax"))
+    report, cands = fold.report, _by_name(fold)
+    assert report["rule"] == "minimax" and not any(c["pruned"] for c in cands.values())
+    vocab = load_task_model(d).lm_head.weight.shape[0]
+    scales = {t: information_scale(fp, vocab) for t, fp in fps.items()}
+    div = {name: {t: c["scores"][t]["divergence"] for t in fps} for name, c in cands.items()}
+    floor = {t: min(div["keep"][t], div["new"][t]) for t in fps}
+    assert report["floor"] == pytest.approx(floor) and report["scales"] == pytest.approx(scales)
+    for name, c in cands.items():
+        assert c["objective"] == pytest.approx(max((div[name][t] - floor[t]) / scales[t] for t in fps), abs=1e-12)
+    assert fold.chosen.name not in ("keep", "new")  # each endpoint leaves one task with all it could lose
+    assert fold.chosen.objective == min(c["objective"] for c in cands.values())
+    assert fold.chosen.objective < min(cands["keep"]["objective"], cands["new"]["objective"])
+
+
+@pytest.mark.parametrize("weights, winner", [({"old": 1, "new": 0}, "keep"), ({"old": 0, "new": 1}, "new")])
+def test_minimax_takes_the_endpoint_of_the_only_task_that_counts(chain, weights, winner):
+    d, n, fps = chain
+    fold = calibrated_fold(d, n, fps, new_task="new", weights=weights,
+                           config=CalibrationConfig(alphas=(0.5,), scales=(), rule="minimax"))
+    assert fold.chosen.name == winner and fold.chosen.objective == 0.0
+
+
+def test_calibration_config_refuses_bad_rules():
+    with pytest.raises(ValueError, match="rule must be one of"):
+        CalibrationConfig(rule="median")
+    with pytest.raises(ValueError, match="screen_samples=0"):
+        CalibrationConfig(rule="minimax", screen_samples=4)
 
 
 def test_a_bad_profile_is_refused(chain):
