@@ -95,8 +95,7 @@ class CalibrationConfig:
             `mean`: the weighted mean of the per-task divergences. `minimax`: the largest over tasks of a task's
             divergence above its better endpoint (keep D or take N), divided by its information scale (and
             weighted by `weight / max weight`): the fold where the worst-off task has lost the least of what its
-            own model knows, whatever the number of tasks. Scores every candidate in full (no pruning) and does not
-            combine with `screen_samples`.
+            own model knows, whatever the number of tasks. Does not combine with `screen_samples`.
     """
 
     alphas: tuple[float, ...] = field(default=(0.25, 0.5, 0.75), metadata={"help": "Constant coefficients tried."})
@@ -222,8 +221,19 @@ class Objective:
 
     @property
     def linear(self) -> bool:
-        """A weighted sum of divergences, so a partial replay bounds it from below (`score_tasks_bounded`)."""
+        """A weighted sum of divergences (`mean`), else a max over tasks that needs `anchor` first."""
         return self.rule == "mean"
+
+    def bounds(self) -> tuple[dict[str, float], dict[str, float] | None] | None:
+        """`(weights, offsets)` for `score_tasks_bounded`, whose bounded value is then a lower bound of this
+        objective; `None` while a `minimax` objective has no floor yet."""
+        if self.linear:
+            return self.weights, None
+        if self.floor is None:
+            return None
+        top = max(self.weights.values())
+        coef = {t: w / top / self.scales[t] for t, w in self.weights.items()}
+        return coef, {t: coef[t] * self.floor[t] for t in coef}
 
     def value(self, scores: Mapping[str, TaskScore | Mapping[str, float]]) -> float:
         if self.rule == "mean":
@@ -319,7 +329,7 @@ class FoldSearch:
         self.params = dict(model.named_parameters())
         self.goal = as_objective(weights)
         self.fingerprints, self.weights, self.batch_size = fingerprints, self.goal.weights, batch_size
-        self.prune = prune and scorer is None and self.goal.linear
+        self.prune = prune and scorer is None
         self.scorer = scorer or (lambda m, fps: score_tasks(m, fps, batch_size))
         self.a = torch.zeros(n_layers, dtype=torch.float64)
         self.tried: dict[tuple[float, ...], Candidate] = {}
@@ -372,10 +382,11 @@ class FoldSearch:
         return sorted(self.fingerprints, key=lambda t: -share[t])
 
     def _score(self, name: str, family: str, param: float | None, a: torch.Tensor, bound: float | None) -> Candidate:
-        if self.prune and bound is not None:
+        bounds = self.goal.bounds() if self.prune and bound is not None else None
+        if bounds is not None:
             margin = bound * (1 + 1e-9) + 1e-12  # float noise between the running sum and the objective never prunes
-            scores, value, complete = score_tasks_bounded(self.model, self.fingerprints, self.weights, margin,
-                                                          self.batch_size, self.task_order())
+            scores, value, complete = score_tasks_bounded(self.model, self.fingerprints, bounds[0], margin,
+                                                          self.batch_size, self.task_order(), bounds[1])
             if not complete:
                 return Candidate(name, family, param, a.tolist(), {t: asdict(s) for t, s in scores.items()}, value,
                                  pruned=True)

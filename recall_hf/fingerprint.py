@@ -599,10 +599,11 @@ def _batch_share(fp: Fingerprint, div: torch.Tensor, pool: torch.Tensor, index: 
 @torch.no_grad()
 def score_tasks_bounded(
     model: torch.nn.Module, fingerprints: Mapping[str, Fingerprint], weights: Mapping[str, float], bound: float,
-    batch_size: int = 8, order: list[str] | None = None,
+    batch_size: int = 8, order: list[str] | None = None, offsets: Mapping[str, float] | None = None,
 ) -> tuple[dict[str, TaskScore], float, bool]:
     """`score_tasks`, stopped as soon as the weighted objective `sum_t weights[t] * divergence_t` must exceed
-    `bound`: every per-sample divergence is >= 0, so the part replayed so far is a lower bound of it.
+    `bound`: every per-sample divergence is >= 0, so the part replayed so far is a lower bound of it. With
+    `offsets` the objective is `max_t (weights[t] * divergence_t - offsets[t])` instead (each task bounded alone).
 
     Tasks run in `order` (default: as given), each in `fingerprint_divergence`'s batches, so a task replayed to the
     end scores exactly as there.
@@ -611,10 +612,13 @@ def score_tasks_bounded(
         `(scores, value, complete)`: every task's `TaskScore` and the objective; when stopped, the tasks replayed to
         the end, the lower bound reached and `False`.
     """
-    partial, scores = 0.0, {}
+    partial, scores, maximum = 0.0, {}, offsets is not None
+    offsets = offsets or {}
     with _evaluating(model):
         for task in order or list(fingerprints):
             fp, w = fingerprints[task], float(weights.get(task, 0.0))
+            if maximum:  # a max over tasks: each task's own lower bound, less its offset
+                partial = -float(offsets.get(task, 0.0))
             _check_fits(model, fp)
             scale, divs, pools, seen = _pooled_scale(fp), [], [], []
             for index in _batches(fp.num_samples, batch_size, fp.lengths.tolist()):
@@ -627,7 +631,8 @@ def score_tasks_bounded(
                     if partial > bound:
                         return scores, partial, False
             scores[task] = _task_score(fp, divs, pools, seen)
-    return scores, sum(float(weights.get(t, 0.0)) * s.divergence for t, s in scores.items()), True
+    values = [float(weights.get(t, 0.0)) * s.divergence - float(offsets.get(t, 0.0)) for t, s in scores.items()]
+    return scores, (max(values, default=0.0) if maximum else sum(values)), True
 
 
 # ------------------------------------------------------------------------------------------------- edges

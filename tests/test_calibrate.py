@@ -193,8 +193,8 @@ def _head_pair(tmp_path):
 
 def test_minimax_rule_costs_each_candidate_by_its_worst_task(tmp_path):
     d, n, fps = _head_pair(tmp_path)
-    fold = calibrated_fold(d, n, fps, new_task="new", config=CalibrationConfig(alphas=(0.25, 0.5, 0.75),
-                                                                               scales=(), rule="minimax"))
+    config = CalibrationConfig(alphas=(0.25, 0.5, 0.75), scales=(), rule="minimax", prune=False)
+    fold = calibrated_fold(d, n, fps, new_task="new", config=config)
     report, cands = fold.report, _by_name(fold)
     assert report["rule"] == "minimax" and not any(c["pruned"] for c in cands.values())
     vocab = load_task_model(d).lm_head.weight.shape[0]
@@ -327,14 +327,14 @@ def test_bounded_scores_are_the_plain_scores_or_a_lower_bound(chain):
     assert not complete and scores == {} and 0 < low < value
 
 
-@pytest.mark.parametrize("from_base", [False, True])
-def test_pruning_keeps_the_choice_and_every_full_score(chain, tmp_path, from_base):
+@pytest.mark.parametrize("from_base, rule", [(False, "mean"), (True, "mean"), (False, "minimax"), (True, "minimax")])
+def test_pruning_keeps_the_choice_and_every_full_score(chain, tmp_path, from_base, rule):
     d, n, fps = chain
     parent = shutil.copytree(d, tmp_path / "P") if from_base else None
     n_layers = LayerMap.from_pretrained(d).num_layers + 1
     profile = [0.2 + 0.8 * i / (n_layers - 1) for i in range(n_layers)]
     runs = {prune: calibrated_fold(d, n, fps, new_task="new", parent=parent, profile=profile,
-                                   config=CalibrationConfig(prune=prune, layer_groups=2))
+                                   config=CalibrationConfig(prune=prune, layer_groups=2, rule=rule))
             for prune in (False, True)}
     plain, pruned = (_by_name(runs[p]) for p in (False, True))
     assert runs[True].chosen.name == runs[False].chosen.name and torch.equal(runs[True].weights, runs[False].weights)
