@@ -95,7 +95,7 @@ class CalibrationConfig:
             `mean`: the weighted mean of the per-task divergences. `minimax`: the largest over tasks of a task's
             divergence above its better endpoint (keep D or take N), divided by its information scale (and
             weighted by `weight / max weight`): the fold where the worst-off task has lost the least of what its
-            own model knows, whatever the number of tasks. Does not combine with `screen_samples`.
+            own model knows, whatever the number of tasks. With `screen_samples` both endpoints are finalists too.
     """
 
     alphas: tuple[float, ...] = field(default=(0.25, 0.5, 0.75), metadata={"help": "Constant coefficients tried."})
@@ -127,9 +127,6 @@ class CalibrationConfig:
             raise ValueError(f"CalibrationConfig.batch_size must be >= 1, got {self.batch_size}.")
         if self.rule not in RULES:
             raise ValueError(f"CalibrationConfig.rule must be one of {RULES}, got {self.rule!r}.")
-        if self.rule == "minimax" and self.screen_samples:
-            raise ValueError("CalibrationConfig.rule='minimax' scores every candidate on every sample; set "
-                             "screen_samples=0 (or use rule='mean').")
         if self.screen_samples < 0 or self.finalists < 1:
             raise ValueError(f"CalibrationConfig.screen_samples must be >= 0 and finalists >= 1, got "
                              f"{self.screen_samples} and {self.finalists}.")
@@ -517,15 +514,23 @@ def _scored(name: str, family: str, param, coefficients, scores: Mapping[str, Ta
 
 def _finals(search: FoldSearch, new_full: Candidate | None, config: CalibrationConfig,
             fingerprints: Mapping[str, Fingerprint], tw: Objective) -> list[Candidate]:
-    """The `config.finalists` best screened candidates, re-scored on every sample (N as it is: `new_full`)."""
-    finals = []
-    for cand in sorted(search.candidates, key=lambda c: (c.pruned, c.objective))[: config.finalists]:
+    """The `config.finalists` best screened candidates, re-scored on every sample (N as it is: `new_full`); a
+    `minimax` objective also re-scores both endpoints and takes its floors from them."""
+    picks = sorted(search.candidates, key=lambda c: (c.pruned, c.objective))[: config.finalists]
+    if not tw.linear:
+        picks += [c for c in search.candidates if c.family in ("keep", "new") and c not in picks]
+    tw.floor, finals = None, []
+    for cand in picks:
         if cand.coefficients is None:
             finals.append(new_full)
             continue
         search.move_to(torch.tensor(cand.coefficients, dtype=torch.float64))
         scores = score_tasks(search.model, fingerprints, config.batch_size)
         finals.append(_scored(cand.name, cand.family, cand.param, cand.coefficients, scores, tw))
+    if not tw.linear:
+        tw.anchor(*(next(c for c in finals if c.family == end) for end in ("keep", "new")))
+        for cand in finals:
+            cand.objective = tw.value(cand.scores)
     return finals
 
 
