@@ -399,7 +399,10 @@ class FoldSearch:
             return self.tried[self.key(a)]
         self.move_to(a)
         cand = self._score(name, family, param, a, bound)
-        logger.info("Calibrated fold: %s objective %s%.5f", name, ">= " if cand.pruned else "", cand.objective)
+        if math.isinf(cand.objective):  # minimax before both endpoints are scored
+            logger.info("Calibrated fold: %s scored; its objective needs both endpoints", name)
+        else:
+            logger.info("Calibrated fold: %s objective %s%.5f", name, ">= " if cand.pruned else "", cand.objective)
         return self.register(cand, a)
 
 
