@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from .config import CALIBRATE_RULES
 from .fingerprint import (
     Fingerprint,
     TaskScore,
@@ -49,7 +50,7 @@ from .safetensors_io import CheckpointReader
 logger = logging.getLogger(__name__)
 
 
-RULES = ("mean", "minimax")
+RULES = CALIBRATE_RULES
 
 
 @dataclass
@@ -87,11 +88,12 @@ class CalibrationConfig:
             task (spread evenly), then only the `finalists` best in full; the fold is the best finalist.
         finalists (`int`, *optional*, defaults to `2`):
             Screened candidates re-scored on every sample (with `screen_samples`).
-        normalize (`bool`, *optional*, defaults to `False`):
+        normalize (`bool`, *optional*, defaults to `True`):
             `rule="mean"`: divide each task's divergence by its fingerprint's information scale
             (`fingerprint.information_scale`): the objective becomes the mean share of each task model's knowledge
-            lost, whatever its confidence.
-        rule (`str`, *optional*, defaults to `"mean"`):
+            lost, whatever its confidence. `False`: the raw KLs (measured worse: a confident head's KL outweighs
+            an unsure one's).
+        rule (`str`, *optional*, defaults to `"minimax"`):
             `mean`: the weighted mean of the per-task divergences. `minimax`: the largest over tasks of a task's
             divergence above its better endpoint (keep D or take N), divided by its information scale (and
             weighted by `weight / max weight`): the fold where the worst-off task has lost the least of what its
@@ -110,8 +112,8 @@ class CalibrationConfig:
     prune: bool = field(default=True, metadata={"help": "Stop scoring a candidate once it cannot win."})
     screen_samples: int = field(default=0, metadata={"help": "Screen candidates on this many samples per task."})
     finalists: int = field(default=2, metadata={"help": "Screened candidates re-scored in full."})
-    normalize: bool = field(default=False, metadata={"help": "Divide each task's divergence by its scale."})
-    rule: str = field(default="mean", metadata={"help": "mean or minimax over tasks.", "choices": RULES})
+    normalize: bool = field(default=True, metadata={"help": "Divide each task's divergence by its scale."})
+    rule: str = field(default="minimax", metadata={"help": "minimax or mean over tasks.", "choices": RULES})
 
     def __post_init__(self) -> None:
         values = [*self.alphas, *self.scales]

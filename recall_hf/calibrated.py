@@ -38,7 +38,7 @@ def fold_plan(plan: MergePlan, fingerprints: dict[str, Fingerprint]) -> Calibrat
     (adapters: the strategy's own `calibrated_fold` on the bare base)."""
     new_task = load_fingerprint(plan.models[-1] / FINGERPRINT_NAME).task
     config = CalibrationConfig(batch_size=plan.config.batch_size, device=plan.config.device,
-                               screen_samples=plan.config.calibrate_screen)
+                               screen_samples=plan.config.calibrate_screen, rule=plan.config.calibrate_rule)
     if plan.kind == "adapter":
         return plan.strategy.calibrated_fold(fingerprints, new_task, plan.coefficients[:, -1], config)
     base = getattr(plan.strategy, "base", None)

@@ -9,6 +9,7 @@ from typing import Any
 
 MODES = ("continual", "multi")
 FUSIONS = ("convex", "task_vector")
+CALIBRATE_RULES = ("minimax", "mean")  # recall_hf.calibrate.CalibrationConfig.rule
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -61,6 +62,10 @@ class RecallConfig:
         calibrate_screen (`int`, *optional*, defaults to `0`):
             With `calibrate`: score every candidate on this many samples per task, then only the best 2 on all of
             them (`CalibrationConfig.screen_samples`); cheaper, and may choose differently. 0: the full search.
+        calibrate_rule (`str`, *optional*, defaults to `"minimax"`):
+            With `calibrate`: how candidates are compared across tasks (`CalibrationConfig.rule`). `minimax`: the
+            fold where the worst-off task has lost the smallest share of its own model's knowledge beyond its
+            better endpoint; `mean`: the mean of every task's divergence over its information scale.
         normalize_depth (`bool`, *optional*, defaults to `False`):
             Rescale each layer's divergence by its spread across layers before the softmax.
         batch_size (`int`, *optional*, defaults to `8`):
@@ -116,6 +121,11 @@ class RecallConfig:
         metadata={"help": "Calibrated fold, cheaper search that may choose differently: score candidates on this many "
                   "samples per task, then the best 2 on all (0: every candidate on all samples)."},
     )
+    calibrate_rule: str = field(
+        default="minimax",
+        metadata={"help": "Calibrated fold's comparison across tasks: minimax (the worst-off task's share of its "
+                  "knowledge lost) or mean (every task's share, averaged).", "choices": CALIBRATE_RULES},
+    )
     normalize_depth: bool = field(default=False, metadata={"help": "Rescale layer divergences by their spread."})
     batch_size: int = field(default=8, metadata={"help": "Batch size of the forward passes."})
     max_length: int = field(default=256, metadata={"help": "Token limit per probe text."})
@@ -149,6 +159,9 @@ class RecallConfig:
             raise ValueError(f"RecallConfig.dtype must be float32, bfloat16, float16 or None; got {self.dtype!r}.")
         if self.max_rank is not None and self.max_rank < 1:
             raise ValueError(f"RecallConfig.max_rank must be >= 1 or None, got {self.max_rank}.")
+        if self.calibrate_rule not in CALIBRATE_RULES:
+            raise ValueError(f"RecallConfig.calibrate_rule must be one of {', '.join(CALIBRATE_RULES)}; got "
+                             f"{self.calibrate_rule!r}.")
         if self.calibrate_screen < 0:
             raise ValueError(f"RecallConfig.calibrate_screen must be >= 0, got {self.calibrate_screen}.")
         if self.batch_size < 1 or self.max_length < 1:

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 COMMANDS = ("daemon", "status", "rollback")
 # The RecallConfig fields a daemon's merges take from its flags (the [recall] table of --config takes any).
 RECALL_KEYS = ("tau", "similarity", "k", "task_count_prior", "normalize_depth", "fusion", "seed", "batch_size",
-               "max_length", "dtype", "device", "device_map", "calibrate")
+               "max_length", "dtype", "device", "device_map", "calibrate", "calibrate_rule")
 
 
 def _const(value):

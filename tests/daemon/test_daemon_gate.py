@@ -11,6 +11,7 @@ import tempfile
 import time
 
 import pytest
+import torch
 from daemon_helpers import SAMPLES, assert_consistent, make_drop, wait_exit
 from huggingface_hub import ModelCard
 
@@ -26,10 +27,17 @@ pytest_plugins = ["daemon_fixtures"]
 CALIBRATE = {"calibrate": True, "k": 3}
 
 
-def task_drop(dep, name: str, seed: int, scale: float):
-    """A task checkpoint with its fingerprint: the base plus seeded noise of `scale` (0.3 destroys an earlier
-    task's behaviour on the shared samples; 0.05-0.1 moves it a little)."""
-    d = make_drop(dep.drop, name, dep.base, seed=seed, scale=scale, ready=False, recall_json=False, samples=None)
+def task_drop(dep, name: str, seed: int, scale: float, head: float = 0.0, source=None):
+    """A task checkpoint with its fingerprint: the base (or `source`, e.g. the live version) plus seeded noise of
+    `scale`, and `head` times unit noise on the output head only. `head=1` makes a confident task model: two such
+    tasks conflict, so every fold that learns the second moves the first far from its own model."""
+    def wreck_head(tensors):
+        gen = torch.Generator().manual_seed(seed + 100)
+        for name in [k for k in tensors if k.endswith("lm_head.weight")]:
+            tensors[name] = tensors[name] + head * torch.randn(tensors[name].shape, generator=gen)
+
+    d = make_drop(dep.drop, name, dep.base, seed=seed, scale=scale, ready=False, recall_json=False, samples=None,
+                  mutate=wreck_head, source=source)
     return make_task_checkpoint(d, SAMPLES, task=name, config=RecallConfig(k=3))
 
 
@@ -39,9 +47,9 @@ def reason(dep, name: str) -> dict:
 
 def test_fingerprint_gate_quarantines_a_constructed_regression_and_retention_is_visible(deployment, capsys):
     dep, store = deployment, deployment.store
-    task_drop(dep, "alpha", 1, 0.05)
+    task_drop(dep, "alpha", 1, 0.02, head=1.0)
     assert dep.run_once(recall=CALIBRATE) == 0
-    task_drop(dep, "beta", 2, 0.3)  # every fold that learns beta moves alpha far from its own model
+    task_drop(dep, "beta", 2, 0.02, head=1.0)  # every fold that learns beta moves alpha far from its own model
     assert dep.run_once(recall=CALIBRATE) == 3
     assert store.current() == "v0001" and store.versions() == ["v0000", "v0001"]
     why = reason(dep, "beta")
@@ -54,7 +62,7 @@ def test_fingerprint_gate_quarantines_a_constructed_regression_and_retention_is_
     assert 'recall_daemon_gate_checks_total{gate="fingerprint",result="failed"} 1.0' in metrics
     assert 'recall_daemon_drops_quarantined_total{reason="regression"} 1.0' in metrics
 
-    task_drop(dep, "gamma", 3, 0.1)  # a mild task: its merge moves alpha less than the margin
+    task_drop(dep, "gamma", 3, 0.005, source=store.version_dir("v0001"))  # fine-tuned a little from the live model
     assert dep.run_once(recall=CALIBRATE) == 0
     assert store.current() == "v0002"
     info = store.version_info("v0002")
@@ -90,8 +98,8 @@ def test_fingerprint_gate_quarantines_a_constructed_regression_and_retention_is_
 
 def test_fingerprint_gate_off_publishes_and_a_negative_margin_refuses_everything(deployment):
     dep, store = deployment, deployment.store
-    task_drop(dep, "alpha", 1, 0.05)
-    task_drop(dep, "beta", 2, 0.3)
+    task_drop(dep, "alpha", 1, 0.02, head=1.0)
+    task_drop(dep, "beta", 2, 0.02, head=1.0)
     assert dep.run_once(recall=CALIBRATE, fingerprint_gate=False) == 0
     assert store.current() == "v0002"
     assert store.version_info("v0002")["gates"]["fingerprint"] == {"result": "off"}

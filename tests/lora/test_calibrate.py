@@ -12,7 +12,7 @@ from conftest import PROBES
 from peft import PeftModel
 
 from lora.fixtures import load_base, lora_deltas, make_adapter
-from recall_hf.calibrate import CalibrationConfig
+from recall_hf.calibrate import CalibrationConfig, Objective
 from recall_hf.cli import main
 from recall_hf.config import RecallConfig
 from recall_hf.fingerprint import FINGERPRINTS_DIR, FingerprintConfig, read_fingerprints, score_tasks
@@ -51,10 +51,14 @@ def _by_name(fold):
     return {c["name"]: c for c in fold.report["candidates"]}
 
 
-def _peft_objective(base, adapter_dir, fps, task_weights):
+def _report_objective(cal: dict, scores) -> float:
+    """The objective the search reported (rule, weights, scales, floors) applied to `scores`."""
+    return Objective(cal["task_weights"], cal["rule"], cal["scales"], cal["floor"]).value(scores)
+
+
+def _peft_objective(base, adapter_dir, fps, cal):
     """The fingerprint objective of a written adapter, replayed through PEFT itself."""
-    scores = score_tasks(PeftModel.from_pretrained(load_base(base), adapter_dir).eval(), fps)
-    return sum(task_weights[t] * s.divergence for t, s in scores.items())
+    return _report_objective(cal, score_tasks(PeftModel.from_pretrained(load_base(base), adapter_dir).eval(), fps))
 
 
 @pytest.mark.parametrize("arch, kwargs", [
@@ -102,7 +106,7 @@ def test_calibrated_adapter_merge_writes_the_chosen_candidate(pair, tmp_path):
     assert report.stats["fusion_weights"] == torch.stack([1 - a, a], -1).tolist()
     assert sorted(read_fingerprints(tmp_path / "o")) == ["new", "old"] == report.stats["fingerprints"]
     fps = {**read_fingerprints(old), **read_fingerprints(new)}
-    got = _peft_objective(base, tmp_path / "o", fps, cal["task_weights"])
+    got = _peft_objective(base, tmp_path / "o", fps, cal)
     assert got == pytest.approx(cal["chosen"]["objective"], rel=1e-3, abs=1e-6)
 
 
@@ -151,7 +155,7 @@ def test_chain_folds_modules_to_save_of_a_classifier(bases, tmp_path):
     assert cands["keep"]["scores"]["old"]["divergence"] < 1e-8 < cands["keep"]["objective"]
     fps = {**read_fingerprints(old), **read_fingerprints(new)}
     model = PeftModel.from_pretrained(load_base(bases["bert"]), tmp_path / "o").eval()
-    got = sum(cal["task_weights"][t] * s.divergence for t, s in score_tasks(model, fps).items())
+    got = _report_objective(cal, score_tasks(model, fps))
     assert got == pytest.approx(cal["chosen"]["objective"], rel=1e-3, abs=1e-6)
 
 
