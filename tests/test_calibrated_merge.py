@@ -61,10 +61,15 @@ def test_calibrate_setting_reaches_cli_daemon_and_trainer():
     assert RecallConfig().calibrate is False
     from recall_daemon.cli import RECALL_KEYS
 
-    assert "calibrate" in RECALL_KEYS
+    assert "calibrate" in RECALL_KEYS and "calibrate_rule" in RECALL_KEYS
     from recall_hf.trainer import RecallTrainingArguments
 
-    assert "recall_calibrate" in RecallTrainingArguments.__dataclass_fields__
+    assert {"recall_calibrate", "recall_calibrate_rule"} <= set(RecallTrainingArguments.__dataclass_fields__)
+    args = build_parser().parse_args(["merge", "a", "b", "--out", "o", "--calibrate-rule", "mean"])
+    assert args.calibrate_rule == "mean"
+    assert RecallConfig().calibrate_rule == "minimax"
+    with pytest.raises(ValueError, match="calibrate_rule must be one of"):
+        RecallConfig(calibrate_rule="median")
 
 
 def test_refusals_are_one_line(tmp_path, stream):
@@ -106,11 +111,14 @@ def test_calibrated_chain_then_three_tasks(tmp_path, checkpoints, capsys):
     assert sorted(read_fingerprints(out)) == ["new", "prev"]
     cal = _report(out)["calibration"]
     assert cal["protocol"] == "chain" and cal["new_task"] == "new" and cal["timings"]["total"] > 0
+    assert cal["rule"] == "minimax" and sorted(cal["scales"]) == sorted(cal["floor"]) == ["new", "prev"]
     assert all(sorted(c["scores"]) == ["new", "prev"] for c in cal["candidates"] if not c["pruned"])
     assert cal["chosen"]["objective"] == min(c["objective"] for c in cal["candidates"])
     assert "text" not in json.dumps(cal)  # scores and coefficients only: no sample texts
-    assert main(["merge", str(out), str(dirs["NEW2"]), "--out", str(out2), "--calibrate", *FAST]) == 0
+    assert main(["merge", str(out), str(dirs["NEW2"]), "--out", str(out2), "--calibrate", "--calibrate-rule", "mean",
+                 *FAST]) == 0
     cal2 = _report(out2)["calibration"]
+    assert cal2["rule"] == "mean" and cal2["floor"] is None
     assert all(sorted(c["scores"]) == ["new", "new2", "prev"] for c in cal2["candidates"] if not c["pruned"])
     assert sorted(read_fingerprints(out2)) == ["new", "new2", "prev"]
 

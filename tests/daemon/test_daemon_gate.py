@@ -206,12 +206,16 @@ def test_sigterm_during_the_gate_kills_it_and_leaves_the_drop_for_the_next_start
 def test_gate_flags_and_settings(tmp_path):
     args = build_parser().parse_args(["daemon", "--drop", str(tmp_path / "d"), "--deploy", str(tmp_path / "p"),
                                       "--gate", "./eval.sh", "--gate-timeout", "30", "--regression-margin", "0.25",
-                                      "--no-fingerprint-gate"])
+                                      "--no-fingerprint-gate", "--calibrate", "--calibrate-rule", "mean"])
     config = build_config(args)
     assert (config.gate, config.gate_timeout, config.regression_margin, config.fingerprint_gate) == (
         "./eval.sh", 30.0, 0.25, False)
+    assert (config.recall.calibrate, config.recall.calibrate_rule) == (True, "mean")
     defaults = build_config(build_parser().parse_args(["daemon", "--drop", "a", "--deploy", "b"]))
     assert (defaults.gate, defaults.regression_margin, defaults.fingerprint_gate) == (None, 0.1, True)
+    assert defaults.recall.calibrate_rule == "minimax"
+    with pytest.raises(SystemExit):  # argparse: one line naming the choices
+        build_parser().parse_args(["daemon", "--drop", "a", "--deploy", "b", "--calibrate-rule", "median"])
     for bad, what in (({"gate_timeout": 0}, "gate_timeout"), ({"regression_margin": float("nan")}, "margin"),
                       ({"gate": " "}, "gate must")):
         with pytest.raises(ValueError, match=what):
