@@ -10,12 +10,14 @@ today's rules as special cases:
 
 plus both endpoints: keep D (`a = 0`) and take N as it is (`a = 1` when P = D; N itself otherwise). Around the best
 family member one refinement halves the grid step, and optionally each layer group's coefficients are nudged once.
-Each candidate is scored by replaying every task's fingerprint (`fingerprint.py`); the objective is the weighted
-mean of the per-task divergences, tasks equal by default, the newest task's share settable so that it does not fade
-as tasks accumulate. With `normalize` each task's divergence is divided by its information scale (how far its own
-model's stored predictions are from a uniform guess, `fingerprint.information_scale`): raw KLs of a confident head
-and an unsure one are not comparable, and without it the confident tasks decide every fold. The minimum wins;
-since both endpoints are candidates, the chosen fold never scores worse than either of them.
+Each candidate is scored by replaying every task's fingerprint (`fingerprint.py`). Raw KLs of a confident head and an
+unsure one are not comparable (measured: the confident tasks then decide every fold), so each task's divergence is
+divided by its information scale, how far its own model's stored predictions are from a uniform guess
+(`fingerprint.information_scale`). The objective (`CalibrationConfig.rule`) is either `minimax`, the default: the
+largest over tasks of that share lost beyond the task's better endpoint, so a new task counts as much as each old one
+however many are folded; or `mean`: the weighted mean of the shares (tasks equal by default, the newest task's share
+settable). The minimum wins; since both endpoints are candidates, the chosen fold never scores worse than either of
+them.
 
 Memory: one working model plus one delta `N - P` (two models in fp32). The working model moves from candidate to
 candidate in place (`theta += (a'_l - a_l) * delta`); no candidate is written to disk. Models larger than two fp32
@@ -315,9 +317,9 @@ class FoldSearch:
         weights: objective weight per task (`task_weights`), or an `Objective`.
         scorer: `scorer(model, fingerprints) -> {task: TaskScore}` (default `score_tasks`); a caller whose tasks
             each need their own head (one encoder, one classifier head per task) swaps heads in it.
-        prune: with the default scorer and a linear objective, stop replaying a candidate once its objective must
-            exceed the bound passed to `evaluate` (`score_tasks_bounded`); the choice stays the same, only pruned
-            candidates' scores are partial.
+        prune: with the default scorer, stop replaying a candidate once its objective must exceed the bound passed
+            to `evaluate` (`score_tasks_bounded`; `minimax` once both endpoints anchor it); the choice stays the
+            same, only pruned candidates' scores are partial.
     """
 
     def __init__(self, model, delta: dict[str, torch.Tensor], layers: dict[str, int], n_layers: int,
