@@ -178,15 +178,6 @@ def task_weights(
     return {t: w / total for t, w in raw.items()}
 
 
-def normalized_weights(
-    weights: Mapping[str, float], fingerprints: Mapping[str, Fingerprint], vocab_size: int | None
-) -> tuple[dict[str, float], dict[str, float]]:
-    """`(weights[t] / scale_t, scale_t)` per task, `scale_t = information_scale(fingerprints[t])`: the weighted mean
-    of divergences becomes the weighted mean of each task's share of its own model's knowledge lost."""
-    scales = {t: information_scale(fingerprints[t], vocab_size) for t in weights}
-    return {t: w / scales[t] for t, w in weights.items()}, scales
-
-
 def _divergence(score: TaskScore | Mapping[str, float]) -> float:
     return score.divergence if isinstance(score, TaskScore) else float(score["divergence"])
 
@@ -196,14 +187,20 @@ def objective(scores: Mapping[str, TaskScore], weights: Mapping[str, float]) -> 
     return float(sum(weights[t] * _divergence(scores[t]) for t in weights))
 
 
+def minimax_coefficients(weights: Mapping[str, float], scales: Mapping[str, float]) -> dict[str, float]:
+    """`(w_t / max w) / scale_t` per task: what one nat of a task's divergence costs in the minimax objective."""
+    top = max(weights.values())
+    return {t: w / top / scales[t] for t, w in weights.items()}
+
+
 def minimax_regret(
     divergences: Mapping[str, float], floor: Mapping[str, float], scales: Mapping[str, float],
     weights: Mapping[str, float],
 ) -> float:
     """`max_t (w_t / max w) * max(0, d_t - floor_t) / scale_t`: the largest share of a task's knowledge lost beyond
     its better endpoint."""
-    top = max(weights.values())
-    return max(weights[t] / top * max(0.0, divergences[t] - floor[t]) / scales[t] for t in weights)
+    coef = minimax_coefficients(weights, scales)
+    return max(coef[t] * max(0.0, divergences[t] - floor[t]) for t in coef)
 
 
 @dataclass
@@ -232,8 +229,7 @@ class Objective:
             return self.weights, None
         if self.floor is None:
             return None
-        top = max(self.weights.values())
-        coef = {t: w / top / self.scales[t] for t, w in self.weights.items()}
+        coef = minimax_coefficients(self.weights, self.scales)
         return coef, {t: coef[t] * self.floor[t] for t in coef}
 
     def value(self, scores: Mapping[str, TaskScore | Mapping[str, float]]) -> float:
@@ -256,12 +252,12 @@ def build_objective(
     """The search's objective: `task_weights`, and each task's information scale where the rule needs it
     (`normalize`, `minimax`; LM scales use `model`'s vocabulary)."""
     tw = task_weights(list(fingerprints), new_task, config.new_task_weight, weights)
-    if config.rule == "minimax":
-        return Objective(tw, "minimax", normalized_weights(tw, fingerprints, output_size(model))[1])
-    if not config.normalize:
+    if config.rule == "mean" and not config.normalize:
         return Objective(tw)
-    tw, scales = normalized_weights(tw, fingerprints, output_size(model))
-    return Objective(tw, scales=scales)
+    scales = {t: information_scale(fingerprints[t], output_size(model)) for t in tw}
+    if config.rule == "minimax":
+        return Objective(tw, "minimax", scales)
+    return Objective({t: w / scales[t] for t, w in tw.items()}, scales=scales)
 
 
 def profile_coefficients(profile: torch.Tensor, scale: float, max_coefficient: float = 1.0) -> torch.Tensor:
