@@ -707,7 +707,8 @@ class CalibratedEngine:
 
         t = time.perf_counter()
         n = self.fam.layer_map.num_layers + 1
-        cfg = C.CalibrationConfig(new_task_weight=opts["new"] or None, normalize=bool(opts["norm"]), rule=opts["rule"])
+        cfg = C.CalibrationConfig(scales=(), new_task_weight=opts["new"] or None, normalize=bool(opts["norm"]),
+                                  rule=opts["rule"])
         weights = C.build_objective(fps, new_task, cfg, None, self.fam.core)
         scorer = lambda m, f: self.scores(m, f, heads)  # noqa: E731
         new_cand = None
@@ -723,7 +724,7 @@ class CalibratedEngine:
                               scorer=scorer)
         if new_cand is not None:
             search.register(new_cand, None)
-        chosen = C.search_fold(search, None, C.CalibrationConfig(scales=()), n)
+        chosen = C.search_fold(search, None, cfg, n)
         if chosen.coefficients is None:
             merged = new
         else:
