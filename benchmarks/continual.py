@@ -60,7 +60,8 @@ log = logging.getLogger("benchmarks.continual")
 
 DEFAULT_TASKS = ("sentiment", "spam", "wordnet-category", "health-source")
 QUICK_TASKS = ("sentiment", "spam", "wordnet-category")
-TASK_PRESETS = {"long": LONG_TASKS}  # --tasks long: the long stream (BENCHMARK.md, "A long stream")
+TASK_PRESETS = {"long": LONG_TASKS}
+HELDOUT_N = 64  # unused training examples kept per task for the calibrated fold's diagnostics (diag=1)  # --tasks long: the long stream (BENCHMARK.md, "A long stream")
 DEFAULT_CHAIN = "seqft,interp:alpha=0.3|0.5|0.7,recall:tau=0.05|0.5,recall-noprior,recall-norm"
 DEFAULT_FROM_BASE = (
     "mean,interp:alpha=0.3|0.5|0.7,ta:lam=0.3|0.5|1.0,ties:lam=0.5|1.0,dare:lam=0.3|0.5,lines,"
@@ -139,6 +140,7 @@ class Prepared:
     test: list[tuple[list[int], int]]
     probe_texts: list[str]  # texts for typical-sample selection (encoder: text; decoder: prompt)
     label_ids: list[list[int]] = field(default_factory=list)  # decoder: token ids of each label word
+    heldout_texts: list[str] = field(default_factory=list)  # unused training examples (calibrated diag=1)
 
 
 class FamilyBase:
@@ -262,6 +264,7 @@ class EncoderFamily(FamilyBase):
             train=enc(task.train[:train_n]),
             test=enc(task.test[:test_n]),
             probe_texts=[t for t, _ in task.train[:train_n]],
+            heldout_texts=[t for t, _ in task.train[train_n : train_n + HELDOUT_N]],
         )
 
     def logits(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -352,7 +355,8 @@ class DecoderFamily(FamilyBase):
         train = [(prompt(t)[1], label_ids[y]) for t, y in task.train[:train_n]]
         test = [(prompt(t)[1], y) for t, y in task.test[:test_n]]
         probes = [prompt(t)[0] for t, _ in task.train[:train_n]]
-        return Prepared(task.name, task.labels, train, test, probes, label_ids)
+        heldout = [prompt(t)[0] for t, _ in task.train[train_n : train_n + HELDOUT_N]]
+        return Prepared(task.name, task.labels, train, test, probes, label_ids, heldout)
 
     def backbone(self) -> torch.nn.Module:
         return self.core.model
@@ -690,6 +694,56 @@ class CalibratedEngine:
         self.seconds["fingerprints"] += time.perf_counter() - t
         return fp
 
+    def heldout_fingerprint(self, new: State, head: State | None, task: Prepared, k: int):
+        """The task model's fingerprint on ``k`` training examples it never saw (diag=1): typical samples come from
+        the training data, on which the task model is surer than on test."""
+        from recall_hf.fingerprint import FingerprintConfig, compute_fingerprint
+
+        if len(task.heldout_texts) < k:
+            raise ValueError(f"calibrated diag=1 needs {k} unused training examples of {task.name}; lower --train-n.")
+        self.fam.load(new)
+        self._use_head(head)
+        cfg = FingerprintConfig(max_length=self.args.max_length, batch_size=self.args.eval_batch_size)
+        return compute_fingerprint(self.fam.core, self.fam.tok, task.heldout_texts[:k], task.name, cfg)
+
+    @torch.no_grad()
+    def agreement(self, fp, head: State | None) -> float:
+        """The share of a fingerprint's samples on which the loaded model's top prediction (class, or first next
+        token for LMs) is the task model's."""
+        self._use_head(head)
+        self.fam.core.eval()
+        rows = fp.rows(list(range(fp.num_samples)))
+        ids, mask = self.fam.collate(rows)
+        if fp.kind == "classifier":
+            top, want = self.fam.logits(ids, mask).argmax(-1), fp.logits.argmax(-1)
+        else:
+            logits = self.fam.core(input_ids=ids, attention_mask=mask).logits
+            top = logits[torch.arange(len(rows)), fp.prompt_lengths - 1].argmax(-1)
+            want = fp.topk_ids[:, 0, 0]
+        return float((top == want).double().mean())
+
+    def diagnose(self, search, new: State, fps: dict, heldout: dict, heads: dict, ev: Evaluator) -> dict:
+        """Every candidate's test accuracy, held-out divergence and top-1 agreement per task (diag=1): what the
+        objective could have been, measured against what it should predict."""
+        out = {}
+        for c in search.candidates:
+            here = None
+            if c.coefficients is None:  # the new model as it is (from-base): the search's model comes back after
+                here = self.fam.shared_state()
+                self.fam.load(new)
+            else:
+                search.move_to(torch.tensor(c.coefficients, dtype=torch.float64))
+            state = self.fam.shared_state()
+            out[c.name] = {
+                "acc": ev.row(TaskModel(state, heads), list(fps)),
+                "heldout": {t: v.divergence for t, v in self.scores(self.fam.core, heldout, heads).items()},
+                "agree": {t: self.agreement(fp, heads.get(t)) for t, fp in fps.items()},
+                "agree_heldout": {t: self.agreement(fp, heads.get(t)) for t, fp in heldout.items()},
+            }
+            if here is not None:
+                self.fam.load(here)
+        return out
+
     def scores(self, model: torch.nn.Module, fps: dict, heads: dict) -> dict:
         from recall_hf.fingerprint import fingerprint_divergence
 
@@ -700,7 +754,7 @@ class CalibratedEngine:
         return out
 
     def merge(self, opts: dict, deployed: State, new: State, parent: State, from_base: bool, fps: dict,
-              heads: dict, new_task: str) -> tuple[State, dict]:
+              heads: dict, new_task: str, diag: tuple | None = None) -> tuple[State, dict]:
         from dataclasses import asdict
 
         from recall_hf import calibrate as C
@@ -725,6 +779,7 @@ class CalibratedEngine:
         if new_cand is not None:
             search.register(new_cand, None)
         chosen = C.search_fold(search, None, cfg, n)
+        diagnosis = self.diagnose(search, new, fps, diag[0], heads, diag[1]) if diag else None
         if chosen.coefficients is None:
             merged = new
         else:
@@ -734,6 +789,8 @@ class CalibratedEngine:
         record = {"chosen": chosen.name, "objective": chosen.objective,
                   "candidates": {c.name: c.objective for c in search.candidates}, "scales": weights.scales,
                   "divergence": {c.name: {t: v["divergence"] for t, v in c.scores.items()} for c in search.candidates}}
+        if diagnosis is not None:
+            record["diag"] = diagnosis
         return merged, record
 
 
@@ -766,8 +823,9 @@ def fold(
         return M.running_mean(deployed, new, step), None
     if spec.family == "calibrated":
         from_base = ctx["protocol"] == "from-base"
+        diag = (ctx["heldout"], ctx["evaluator"]) if o["diag"] else None
         return ctx["calibrated"].merge(o, deployed, new, base if from_base else deployed, from_base,
-                                       ctx["fingerprints"], ctx["heads"], task.name)
+                                       ctx["fingerprints"], ctx["heads"], task.name, diag)
     if spec.family == "recall":
         tv_base = base if ctx["protocol"] == "from-base" else None
         return ctx["recall"].merge(o, step, base, deployed, new, task, ctx["seed"], tv_base, ctx.get("old_probes"))
@@ -803,6 +861,7 @@ def run_method(
     records = []
     old_probes: list[list[str]] = []  # recall old=1: typical samples of the tasks folded in so far
     fps: dict = {}  # calibrated: fingerprints of the tasks folded in so far
+    heldout: dict = {}  # calibrated diag=1: the same on unused training examples
     eval_names_all = list(order)
     for step, name in enumerate(order, 1):
         task = ctx["tasks"][name]
@@ -813,9 +872,12 @@ def run_method(
         heads[name] = new.heads.get(name)
         if spec.family == "calibrated":  # what the task's drop carries: its model's fingerprint
             fps[name] = ctx["calibrated"].fingerprint(new.shared, heads[name], task, spec.options["k"], ctx["seed"])
+            if spec.options["diag"]:
+                heldout[name] = ctx["calibrated"].heldout_fingerprint(new.shared, heads[name], task, spec.options["k"])
         if protocol == "from-base":
             ctx["vectors"] = [M.task_vector(task_models[n].shared, fam.base) for n in order[:step]]
-        step_ctx = {**ctx, "protocol": protocol, "old_probes": old_probes, "fingerprints": fps, "heads": heads}
+        step_ctx = {**ctx, "protocol": protocol, "old_probes": old_probes, "fingerprints": fps, "heads": heads,
+                    "heldout": heldout}
         merged, rec = fold(spec, step, step_ctx, deployed, new.shared, task)
         ctx.pop("vectors", None)
         if spec.family == "recall" and spec.options["old"]:
