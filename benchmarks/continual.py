@@ -791,6 +791,7 @@ class CalibratedEngine:
                   "divergence": {c.name: {t: v["divergence"] for t, v in c.scores.items()} for c in search.candidates}}
         if diagnosis is not None:
             record["diag"] = diagnosis
+            record["diag_scales"] = C.build_objective(diag[0], new_task, cfg, None, self.fam.core).scales
         return merged, record
 
 
