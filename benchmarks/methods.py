@@ -367,6 +367,11 @@ def parse_method(text: str) -> MethodSpec:
             raise ValueError(f"Method {text!r}: target must be continual or multi.")
         if not options["tau"] > 0:
             raise ValueError(f"Method {text!r}: tau must be > 0.")
+    if family == "calibrated":
+        from recall_hf.config import CALIBRATE_RULES
+
+        if options["rule"] not in CALIBRATE_RULES:
+            raise ValueError(f"Method {text!r}: rule must be one of {', '.join(CALIBRATE_RULES)}.")
     return MethodSpec(family, options, label=text)
 
 
