@@ -60,8 +60,8 @@ log = logging.getLogger("benchmarks.continual")
 
 DEFAULT_TASKS = ("sentiment", "spam", "wordnet-category", "health-source")
 QUICK_TASKS = ("sentiment", "spam", "wordnet-category")
-TASK_PRESETS = {"long": LONG_TASKS}
-HELDOUT_N = 64  # unused training examples kept per task for the calibrated fold's diagnostics (diag=1)  # --tasks long: the long stream (BENCHMARK.md, "A long stream")
+TASK_PRESETS = {"long": LONG_TASKS}  # --tasks long: the long stream (BENCHMARK.md, "A long stream")
+HELDOUT_N = 64  # unused training examples kept per task for the calibrated fold's diagnostics (diag=1)
 DEFAULT_CHAIN = "seqft,interp:alpha=0.3|0.5|0.7,recall:tau=0.05|0.5,recall-noprior,recall-norm"
 DEFAULT_FROM_BASE = (
     "mean,interp:alpha=0.3|0.5|0.7,ta:lam=0.3|0.5|1.0,ties:lam=0.5|1.0,dare:lam=0.3|0.5,lines,"

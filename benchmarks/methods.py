@@ -281,8 +281,9 @@ FAMILIES: dict[str, Family] = {
             "per step among 0, 0.25, 0.5, 0.75, 1 (+ midpoints) and N as is, by the fingerprint KL of every task so "
             "far on its typical samples (new>0: the newest task's share of the objective, else tasks equal; "
             "norm=1: each task's KL divided by its own model's information scale; rule=minimax: the largest share of "
-            "a task's knowledge lost beyond its better endpoint; k=typical samples; diag=1: record every candidate's test "
-            "accuracy, divergence on unused training examples and top-1 agreement, for offline analysis)",
+            "a task's knowledge lost beyond its better endpoint; k=typical samples; diag=1: record every "
+            "candidate's test accuracy, divergence on unused training examples and top-1 agreement, for "
+            "benchmarks.calibrated_diag)",
         ),
     ]
 }

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from .errors import first_line
 from .modeldir import FINGERPRINT_NAME, FINGERPRINTS_DIR  # noqa: F401 - file names, re-exported here
 
 logger = logging.getLogger(__name__)
@@ -202,7 +203,7 @@ def _read_safetensors(path: Path) -> tuple[dict[str, str], dict[str, torch.Tenso
         with safe_open(str(path), framework="pt") as f:
             return dict(f.metadata() or {}), {k: f.get_tensor(k) for k in f.keys()}
     except Exception as err:  # noqa: BLE001 - safetensors raises its own error types for corrupt files
-        reason = (str(err).splitlines() or [type(err).__name__])[0]
+        reason = first_line(err)
         raise ValueError(f"Fingerprint {path} is not a readable safetensors file ({reason}); re-create it.") from None
 
 
@@ -661,5 +662,5 @@ def fingerprint_for_checkpoint(
     try:
         return compute_fingerprint(model, tokenizer, [s["text"] for s in samples], task, config)
     except (ValueError, RuntimeError, TypeError) as err:
-        logger.warning("No fingerprint for task %r: %s", task, (str(err).splitlines() or [type(err).__name__])[0])
+        logger.warning("No fingerprint for task %r: %s", task, first_line(err))
         return None

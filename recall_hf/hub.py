@@ -11,6 +11,7 @@ import logging
 import re
 from pathlib import Path
 
+from .errors import first_line
 from .modeldir import ADAPTER_CONFIG, read_recall_json
 
 logger = logging.getLogger(__name__)
@@ -49,7 +50,7 @@ def resolve_hub_id(repo_id: str, revision: str | None = None) -> Path:
     try:
         folder = snapshot_download(repo_id, revision=revision, allow_patterns=MODEL_FILES)
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as err:
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        reason = first_line(err)
         raise ValueError(f"{repo_id!r} is not a local directory, and as a Hub model id it is not in "
                          f"{download_hint()}: {reason}. Pass a model directory, or download it first "
                          f"(`hf download {repo_id}`).") from None

@@ -12,6 +12,8 @@ from pathlib import Path
 import torch
 import transformers
 
+from .errors import first_line
+
 # PEFT `task_type` -> the transformers auto class that carries the head those adapters were trained with.
 TASK_MODEL_CLASSES = {
     "CAUSAL_LM": "AutoModelForCausalLM",
@@ -44,7 +46,7 @@ def load_config(model_dir: str | Path) -> transformers.PretrainedConfig:
     try:
         return transformers.AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
     except Exception as err:  # noqa: BLE001 - transformers raises many types for a bad config
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        reason = first_line(err)
         raise ValueError(f"Cannot read config.json of {model_dir}: {reason}") from None
 
 

@@ -57,7 +57,8 @@ def test_calibrated_diagnostics_record_every_candidate_and_repick_the_runs_choic
     assert step == 2 and set(rec["diag_scales"]) == {"sentiment", "spam"}
     for cand in rec["candidates"]:  # every candidate: test accuracy, held-out KL and agreement on both tasks
         d = rec["diag"][cand]
-        assert set(d["acc"]) == set(d["heldout"]) == set(d["agree"]) == set(d["agree_heldout"]) == {"sentiment", "spam"}
+        tasks = {"sentiment", "spam"}
+        assert set(d["acc"]) == set(d["heldout"]) == set(d["agree"]) == set(d["agree_heldout"]) == tasks
         assert all(0.0 <= v <= 1.0 for v in [*d["acc"].values(), *d["agree"].values()])
     assert rec["diag"]["new"]["agree"]["spam"] == 1.0  # the new task's own model agrees with its fingerprint
     rows = step_rows(rec)

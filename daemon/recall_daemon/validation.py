@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from recall_hf.errors import first_line
 from recall_hf.modeldir import (
     ADAPTER_CONFIG,
     ADAPTER_STEM,
@@ -55,11 +56,6 @@ class DropInfo:
     recall: dict = field(default_factory=dict)
     tensors: int = 0
     weight_hashes: dict[str, str] = field(default_factory=dict)  # sha256 of the top-level weight files, as verified
-
-
-def first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 @contextlib.contextmanager

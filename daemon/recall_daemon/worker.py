@@ -24,6 +24,8 @@ import time
 from enum import Enum
 from pathlib import Path
 
+from recall_hf.errors import first_line
+
 from .config import DaemonConfig
 from .disposal import Disposal
 from .drops import DropState, scan, snapshot
@@ -35,7 +37,7 @@ from .metrics import Metrics
 from .publisher import Publisher
 from .stop import StopRequested, StopToken
 from .store import DeployStore, dir_size, free_bytes, now_iso
-from .validation import DropInfo, DropRejected, first_line, verify_drop
+from .validation import DropInfo, DropRejected, verify_drop
 
 logger = logging.getLogger(__name__)
 
