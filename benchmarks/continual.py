@@ -754,10 +754,7 @@ class CalibratedEngine:
         return out
 
     def merge(self, opts: dict, deployed: State, new: State, parent: State, from_base: bool, fps: dict,
-              heads: dict, new_task: str, diag: tuple | None = None, folded: dict | None = None
-              ) -> tuple[State, dict]:
-        """One calibrated fold; ``folded`` (option since=1): each earlier task's divergence right after the merge
-        that folded it in, updated here with the new task's."""
+              heads: dict, new_task: str, diag: tuple | None = None) -> tuple[State, dict]:
         from dataclasses import asdict
 
         from recall_hf import calibrate as C
@@ -767,8 +764,6 @@ class CalibratedEngine:
         cfg = C.CalibrationConfig(scales=(), new_task_weight=opts["new"] or None, normalize=bool(opts["norm"]),
                                   rule=opts["rule"])
         weights = C.build_objective(fps, new_task, cfg, None, self.fam.core)
-        if folded is not None:
-            weights.folded = dict(folded)
         scorer = lambda m, f: self.scores(m, f, heads)  # noqa: E731
         new_cand = None
         if from_base:  # the new model as it is lies outside D + a (N - base): score it on its own
@@ -794,9 +789,6 @@ class CalibratedEngine:
         record = {"chosen": chosen.name, "objective": chosen.objective,
                   "candidates": {c.name: c.objective for c in search.candidates}, "scales": weights.scales,
                   "divergence": {c.name: {t: v["divergence"] for t, v in c.scores.items()} for c in search.candidates}}
-        if folded is not None:
-            record["folded"] = dict(folded)
-            folded[new_task] = chosen.scores[new_task]["divergence"]
         if diagnosis is not None:
             record["diag"] = diagnosis
             record["diag_scales"] = C.build_objective(diag[0], new_task, cfg, None, self.fam.core).scales
@@ -834,8 +826,7 @@ def fold(
         from_base = ctx["protocol"] == "from-base"
         diag = (ctx["heldout"], ctx["evaluator"]) if o["diag"] else None
         return ctx["calibrated"].merge(o, deployed, new, base if from_base else deployed, from_base,
-                                       ctx["fingerprints"], ctx["heads"], task.name, diag,
-                                       ctx["folded"] if o["since"] else None)
+                                       ctx["fingerprints"], ctx["heads"], task.name, diag)
     if spec.family == "recall":
         tv_base = base if ctx["protocol"] == "from-base" else None
         return ctx["recall"].merge(o, step, base, deployed, new, task, ctx["seed"], tv_base, ctx.get("old_probes"))
@@ -872,7 +863,6 @@ def run_method(
     old_probes: list[list[str]] = []  # recall old=1: typical samples of the tasks folded in so far
     fps: dict = {}  # calibrated: fingerprints of the tasks folded in so far
     heldout: dict = {}  # calibrated diag=1: the same on unused training examples
-    folded: dict = {order[0]: 0.0}  # calibrated since=1: each task's divergence right after it was folded in
     eval_names_all = list(order)
     for step, name in enumerate(order, 1):
         task = ctx["tasks"][name]
@@ -888,7 +878,7 @@ def run_method(
         if protocol == "from-base":
             ctx["vectors"] = [M.task_vector(task_models[n].shared, fam.base) for n in order[:step]]
         step_ctx = {**ctx, "protocol": protocol, "old_probes": old_probes, "fingerprints": fps, "heads": heads,
-                    "heldout": heldout, "folded": folded}
+                    "heldout": heldout}
         merged, rec = fold(spec, step, step_ctx, deployed, new.shared, task)
         ctx.pop("vectors", None)
         if spec.family == "recall" and spec.options["old"]:

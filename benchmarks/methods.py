@@ -276,15 +276,14 @@ FAMILIES: dict[str, Family] = {
         Family(
             "calibrated",
             ("chain", "from-base"),
-            {"new": 0.0, "k": 32, "norm": 0, "rule": "mean", "diag": 0, "since": 0},
+            {"new": 0.0, "k": 32, "norm": 0, "rule": "mean", "diag": 0},
             "calibrated fold (recall_hf.calibrate): D + a (N - P), P = D (chain) or the base (from-base), a picked "
             "per step among 0, 0.25, 0.5, 0.75, 1 (+ midpoints) and N as is, by the fingerprint KL of every task so "
             "far on its typical samples (new>0: the newest task's share of the objective, else tasks equal; "
             "norm=1: each task's KL divided by its own model's information scale; rule=minimax: the largest share of "
             "a task's knowledge lost beyond its better endpoint; k=typical samples; diag=1: record every "
             "candidate's test accuracy, divergence on unused training examples and top-1 agreement, for "
-            "benchmarks.calibrated_diag; since=1 with rule=minimax: a task's regret counts from its divergence right "
-            "after the merge that folded it in, not from this merge's endpoints)",
+            "benchmarks.calibrated_diag)",
         ),
     ]
 }
@@ -374,8 +373,6 @@ def parse_method(text: str) -> MethodSpec:
 
         if options["rule"] not in CALIBRATE_RULES:
             raise ValueError(f"Method {text!r}: rule must be one of {', '.join(CALIBRATE_RULES)}.")
-        if options["since"] and options["rule"] != "minimax":
-            raise ValueError(f"Method {text!r}: since=1 needs rule=minimax (the mean has no floors).")
     return MethodSpec(family, options, label=text)
 
 

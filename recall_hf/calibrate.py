@@ -209,16 +209,13 @@ class Objective:
 
     `weights` per task (with `normalize`, already divided by `scales`); `scales` the information scales (`None`
     when unused); `floor` each task's better endpoint divergence, set by `anchor` once keep and new are scored
-    (`minimax` only: until then its value is `inf`). `folded` (`minimax`, optional): a task's divergence right
-    after the merge that folded it in; it lowers that task's floor, so the regret counts everything the task lost
-    since it was folded, not only in this merge (the benchmark's `calibrated:since=1`).
+    (`minimax` only: until then its value is `inf`).
     """
 
     weights: dict[str, float]
     rule: str = "mean"
     scales: dict[str, float] | None = None
     floor: dict[str, float] | None = None
-    folded: dict[str, float] | None = None
 
     @property
     def linear(self) -> bool:
@@ -244,10 +241,8 @@ class Objective:
                               self.weights)
 
     def anchor(self, keep: Candidate, new: Candidate) -> None:
-        """Take each task's better endpoint divergence (or its `folded` level, when lower) as its floor (`minimax`)."""
-        folded = self.folded or {}
-        self.floor = {t: min(_divergence(keep.scores[t]), _divergence(new.scores[t]), folded.get(t, math.inf))
-                      for t in self.weights}
+        """Take each task's better endpoint divergence as its floor (`minimax`)."""
+        self.floor = {t: min(_divergence(keep.scores[t]), _divergence(new.scores[t])) for t in self.weights}
 
 
 def build_objective(

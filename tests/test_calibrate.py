@@ -11,7 +11,6 @@ from conftest import PROBES, perturb
 
 from recall_hf.calibrate import (
     CalibrationConfig,
-    Candidate,
     Objective,
     calibrated_fold,
     layer_groups,
@@ -180,26 +179,6 @@ def test_minimax_regret_is_the_largest_weighted_share_lost_beyond_the_better_end
     assert minimax_regret({"a": 0.3, "b": 1.2}, floor, scales, {"a": 1, "b": 1}) == pytest.approx(0.6)  # 1.2/2
     assert minimax_regret({"a": 0.3, "b": 1.2}, floor, scales, {"a": 1, "b": 0.5}) == pytest.approx(0.4)
     assert minimax_regret({"a": 0.05, "b": 0.0}, floor, scales, {"a": 1, "b": 1}) == 0.0  # better than both ends
-
-
-def test_minimax_with_folded_levels_counts_what_a_task_lost_since_it_was_folded():
-    # Task "a" was at 0.05 right after the merge that folded it in; the deployed model (keep) has it at 0.1 now.
-    keep = Candidate("keep", "constant", 0.0, None, {"a": {"divergence": 0.1}, "b": {"divergence": 1.0}}, 0.0)
-    new = Candidate("new", "constant", 1.0, None, {"a": {"divergence": 0.5}, "b": {"divergence": 0.0}}, 0.0)
-    mid = {"a": {"divergence": 0.2}, "b": {"divergence": 0.3}}
-    scales, weights = {"a": 0.5, "b": 1.0}, {"a": 0.5, "b": 0.5}
-    plain = Objective(weights, "minimax", scales)
-    plain.anchor(keep, new)
-    assert plain.floor == {"a": 0.1, "b": 0.0} and plain.value(mid) == pytest.approx(0.3)  # b: 0.3 / 1
-    since = Objective(weights, "minimax", scales, folded={"a": 0.05})
-    since.anchor(keep, new)
-    assert since.floor == {"a": 0.05, "b": 0.0}  # "b", the new task, has no folded level: its endpoints decide
-    assert since.value(mid) == pytest.approx(0.3)  # a: 0.15 / 0.5 = 0.3, b: 0.3
-    assert since.value(keep.scores) == pytest.approx(1.0) and since.value(new.scores) == pytest.approx(0.9)
-    # A folded level above both endpoints changes nothing: the floor is the lowest of the three.
-    high = Objective(weights, "minimax", scales, folded={"a": 0.4})
-    high.anchor(keep, new)
-    assert high.floor == plain.floor
 
 
 def _head_pair(tmp_path):
