@@ -4,7 +4,8 @@ A run with ``calibrated:...,diag=1`` records, at every step, each candidate fold
 its fingerprint KL on the typical samples (the objective's input), its KL on unused training examples of each task
 (held-out fingerprints), and its top-1 agreement with each task model on both. This script re-picks every step's fold
 under each objective below and reports the test accuracy of the pick (mean over the tasks so far), against the fixed
-interpolation α=0.5 (the candidate ``constant:0.5``) and the best candidate in hindsight (an upper bound).
+share a=0.5 (the candidate ``constant:0.5``: in the chain ``D + 0.5 (N - D)``, the fold of interpolation α=0.5; from
+one base ``D + 0.5 (N - base)``, the new task vector at λ=0.5) and the best candidate in hindsight (an upper bound).
 
 It replays one decision at a time on the path the run took: a different pick would have changed the later steps, so
 the table ranks objectives by how well they pick, not by the ACC they would have reached.
@@ -56,7 +57,7 @@ def step_rows(rec: dict) -> dict[str, tuple[str, float]]:
     """Each objective's pick at one step and the pick's mean test accuracy over the tasks so far."""
     acc = {c: statistics.fmean(d["acc"].values()) for c, d in rec["diag"].items()}
     tie = minimax(rec["divergence"], rec["scales"])  # ties (discrete agreement) go to the default objective
-    out = {"chosen by the run": (rec["chosen"], acc[rec["chosen"]]), "interpolation 0.5": ("constant:0.5",
+    out = {"chosen by the run": (rec["chosen"], acc[rec["chosen"]]), "fixed a=0.5": ("constant:0.5",
                                                                                           acc["constant:0.5"])}
     for mname, (loss, scales) in measures(rec).items():
         for rname, rule in RULES.items():
@@ -84,9 +85,9 @@ def report(dirs: list[Path]) -> str:
     if not steps:
         raise SystemExit("No step with diagnostics found: run the benchmark with calibrated:...,diag=1.")
     rows = [step_rows(rec) for _, _, rec in steps]
-    base = [r["interpolation 0.5"][1] for r in rows]
+    base = [r["fixed a=0.5"][1] for r in rows]
     lines = [f"{len(steps)} fold decisions from {len(dirs)} run(s).", "",
-             "| objective | mean test acc. of the pick | vs interpolation 0.5 | wins / ties / losses |",
+             "| objective | mean test acc. of the pick | vs fixed a=0.5 | wins / ties / losses |",
              "|---|---|---|---|"]
     for name in rows[0]:
         accs = [r[name][1] for r in rows]

@@ -40,7 +40,7 @@ def test_minimax_is_the_largest_scaled_loss_above_the_better_endpoint():
 def test_step_rows_repick_each_objective_and_report_the_picks_accuracy():
     rows = step_rows(_record())
     assert rows["chosen by the run"] == ("constant:0.75", pytest.approx(0.79))
-    assert rows["interpolation 0.5"] == ("constant:0.5", pytest.approx(0.815))
+    assert rows["fixed a=0.5"] == ("constant:0.5", pytest.approx(0.815))
     assert rows["minimax, KL typical"][0] == "constant:0.75"  # what the run chose
     assert rows["minimax, KL held-out"][0] == "constant:0.5"  # max(0.2, 0.3) beats max(1.2, 0.1)
     assert rows["mean, disagreement typical"][0] == "constant:0.5"  # 0.1 mean disagreement vs 0.175
@@ -53,7 +53,7 @@ def test_cli_reports_from_result_folders_and_refuses_a_folder_without_results(tm
     (run / "results.json").write_text(json.dumps({"runs": [{"seed": 0, "protocol": "chain",
                                                              "recall": [_record()]}]}))
     main([str(run), "--out", str(tmp_path / "diag.md")])
-    assert "| interpolation 0.5 | 0.8150 | +0.0000 | 0 / 1 / 0 |" in capsys.readouterr().out
+    assert "| fixed a=0.5 | 0.8150 | +0.0000 | 0 / 1 / 0 |" in capsys.readouterr().out
     assert (tmp_path / "diag.md").read_text().startswith("1 fold decisions")
     with pytest.raises(SystemExit, match="No results.json"):
         main([str(tmp_path / "missing")])
