@@ -21,14 +21,18 @@ import statistics
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
+from recall_hf.calibrate import minimax_regret
+
 Measure = Mapping[str, Mapping[str, float]]  # candidate -> task -> loss (lower is better)
 
 
 def minimax(loss: Measure, scales: Mapping[str, float] | None) -> dict[str, float]:
-    """Largest over tasks of a candidate's loss above the task's better endpoint, divided by the task's scale."""
+    """The library's `minimax_regret` of every candidate, tasks weighted equally: the largest over tasks of its loss
+    above the task's better endpoint, divided by the task's scale."""
     tasks = list(loss["keep"])
     floor = {t: min(loss["keep"][t], loss["new"][t]) for t in tasks}
-    return {c: max((v[t] - floor[t]) / (scales[t] if scales else 1.0) for t in tasks) for c, v in loss.items()}
+    scales = scales or dict.fromkeys(tasks, 1.0)
+    return {c: minimax_regret(v, floor, scales, dict.fromkeys(tasks, 1.0)) for c, v in loss.items()}
 
 
 def mean(loss: Measure, scales: Mapping[str, float] | None) -> dict[str, float]:

@@ -682,29 +682,28 @@ class CalibratedEngine:
         if self.fam.has_heads:
             self.fam.core.classifier = self.fam.head_module(head)
 
-    def fingerprint(self, new: State, head: State | None, task: Prepared, k: int, seed: int):
+    def _fingerprint_on(self, new: State, head: State | None, texts: list[str], task: str):
+        """The task model's (``new`` with its ``head``) fingerprint on ``texts``."""
         from recall_hf.fingerprint import FingerprintConfig, compute_fingerprint
 
-        samples = self.recall.typical_samples(new, task, k, seed)
-        t = time.perf_counter()
         self.fam.load(new)
         self._use_head(head)
         cfg = FingerprintConfig(max_length=self.args.max_length, batch_size=self.args.eval_batch_size)
-        fp = compute_fingerprint(self.fam.core, self.fam.tok, samples, task.name, cfg)
+        return compute_fingerprint(self.fam.core, self.fam.tok, texts, task, cfg)
+
+    def fingerprint(self, new: State, head: State | None, task: Prepared, k: int, seed: int):
+        samples = self.recall.typical_samples(new, task, k, seed)
+        t = time.perf_counter()
+        fp = self._fingerprint_on(new, head, samples, task.name)
         self.seconds["fingerprints"] += time.perf_counter() - t
         return fp
 
     def heldout_fingerprint(self, new: State, head: State | None, task: Prepared, k: int):
         """The task model's fingerprint on ``k`` training examples it never saw (diag=1): typical samples come from
         the training data, on which the task model is surer than on test."""
-        from recall_hf.fingerprint import FingerprintConfig, compute_fingerprint
-
         if len(task.heldout_texts) < k:
             raise ValueError(f"calibrated diag=1 needs {k} unused training examples of {task.name}; lower --train-n.")
-        self.fam.load(new)
-        self._use_head(head)
-        cfg = FingerprintConfig(max_length=self.args.max_length, batch_size=self.args.eval_batch_size)
-        return compute_fingerprint(self.fam.core, self.fam.tok, task.heldout_texts[:k], task.name, cfg)
+        return self._fingerprint_on(new, head, task.heldout_texts[:k], task.name)
 
     @torch.no_grad()
     def agreement(self, fp, head: State | None) -> float:
