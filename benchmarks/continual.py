@@ -382,7 +382,10 @@ class DecoderFamily(FamilyBase):
 
     @torch.no_grad()
     def accuracy(self, task: Prepared, head: State | None = None) -> float:
-        """Rank classification: the label word with the lowest mean token NLL after the prompt."""
+        """``--lm-metric rank``: rank classification, the label word with the lowest mean token NLL after the prompt;
+        ``greedy``: exact match of greedy generation (``greedy_accuracy``)."""
+        if self.args.lm_metric == "greedy":
+            return self.greedy_accuracy(task)
         self.core.eval()
         bs = self.args.eval_batch_size
         single = all(len(ids) == 1 for ids in task.label_ids)
@@ -406,6 +409,25 @@ class DecoderFamily(FamilyBase):
                 scores = torch.tensor([float(nll[sp].mean()) for sp in spans]).view(len(batch), -1)
                 pred = scores.argmin(-1).tolist()
             correct += sum(int(p == y) for p, (_, y) in zip(pred, batch))
+        return correct / len(task.test)
+
+    @torch.no_grad()
+    def greedy_accuracy(self, task: Prepared) -> float:
+        """The share of test prompts whose greedy continuation starts with the right label word's tokens: every answer
+        token is the argmax over the whole vocabulary given the ones before (teacher forcing the right label equals
+        greedy decoding while they match). What a deployed model answers, where rank classification only compares
+        the task's label words with each other."""
+        self.core.eval()
+        bs = self.args.eval_batch_size
+        order = sorted(range(len(task.test)), key=lambda i: len(task.test[i][0]))
+        correct = 0
+        for start in range(0, len(order), bs):
+            batch = [task.test[i] for i in order[start : start + bs]]
+            answers = [task.label_ids[y] for _, y in batch]
+            logits, spans = self._answer_logits([p + a for (p, _), a in zip(batch, answers)],
+                                                [len(p) for p, _ in batch])
+            top = logits.argmax(-1)
+            correct += sum(int(top[sp].tolist() == a) for sp, a in zip(spans, answers))
         return correct / len(task.test)
 
     def lora_targets(self) -> list[str]:
@@ -1202,6 +1224,11 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="forward passes of fine-tuning and evaluation: bf16 autocast (auto: when the CPU has AMX/AVX512-BF16); "
         "weights, merges and RECALL representations always fp32",
+    )
+    p.add_argument(
+        "--lm-metric", choices=("rank", "greedy"), default="rank",
+        help="decoder accuracy: rank classification among the label words (rank), or exact match of greedy "
+        "generation over the whole vocabulary (greedy: what a deployed model answers)",
     )
     p.add_argument("--lora", action="store_true", help="train LoRA (r=--lora-r) and fold it into full weights")
     p.add_argument("--lora-r", type=int, default=8)

@@ -179,6 +179,16 @@ def mean_matrix(runs: list[dict]) -> list[list[float | None]]:
     return out
 
 
+def accuracy_meaning(cfg: dict) -> str:
+    """What a run's accuracies measure (decoders: `--lm-metric`; runs before it existed used rank classification)."""
+    if cfg["model"] != "smollm2":
+        return "argmax of the task's own head (one head per task)."
+    if cfg.get("lm_metric", "rank") == "greedy":
+        return ("exact match of greedy generation (the greedy continuation starts with the right label word's "
+                "tokens; argmax over the whole vocabulary).")
+    return "rank classification (lowest mean token loss among the task's label words)."
+
+
 def markdown(results: dict) -> str:
     cfg = results["config"]
     mach = results["machine"]
@@ -191,12 +201,7 @@ def markdown(results: dict) -> str:
         f"tasks in order: {', '.join(cfg['tasks'])}; {cfg['train_n']} train / {cfg['test_n']} test examples per task; "
         f"{cfg['epochs']} epoch(s), lr {cfg['lr']:g}, batch {cfg['batch_size']}, max length {cfg['max_length']}; "
         f"seeds {cfg['seeds']}.",
-        "Accuracy: "
-        + (
-            "rank classification (lowest mean token loss among the task's label words)."
-            if cfg["model"] == "smollm2"
-            else "argmax of the task's own head (one head per task)."
-        ),
+        "Accuracy: " + accuracy_meaning(cfg),
         f"Machine: {mach['nproc']} cores ({mach['cpu']}), torch {mach['torch']}, transformers "
         f"{mach['transformers']}; total {results.get('total_seconds', 0) / 60:.1f} min.",
         "",
