@@ -774,6 +774,22 @@ class CalibratedEngine:
             out[name] = fingerprint_divergence(model, fp, self.args.eval_batch_size)
         return out
 
+    def fold(self, coefficients: list[float], deployed: State, new: State, parent: State, from_base: bool) -> State:
+        """The chosen fold computed afresh from the three states with the library's fusion weights (in float64, cast
+        back), not the search's working model: its in-place moves leave float rounding that depends on the order the
+        candidates were visited, which later fine-tunes amplify."""
+        from recall_hf.calibrate import merge_weights
+
+        w = merge_weights(torch.tensor(coefficients, dtype=torch.float64), len(coefficients), from_base).tolist()
+        out = {}
+        for k, d in deployed.items():
+            if not d.is_floating_point() or k not in new:
+                out[k] = d
+                continue
+            inputs = (parent[k], d, new[k]) if from_base else (d, new[k])
+            out[k] = sum(c * t.double() for c, t in zip(w[self.fam.layer_of(k)], inputs)).to(d.dtype)
+        return out
+
     def merge(self, opts: dict, deployed: State, new: State, parent: State, from_base: bool, fps: dict,
               heads: dict, new_task: str, diag: tuple | None = None) -> tuple[State, dict]:
         from dataclasses import asdict
@@ -782,8 +798,9 @@ class CalibratedEngine:
 
         t = time.perf_counter()
         n = self.fam.layer_map.num_layers + 1
+        grid = {"alphas": tuple(i / 8 for i in range(1, 8)), "refine": False} if opts["grid"] else {}
         cfg = C.CalibrationConfig(scales=(), new_task_weight=opts["new"] or None, normalize=bool(opts["norm"]),
-                                  rule=opts["rule"])
+                                  rule=opts["rule"], **grid)
         weights = C.build_objective(fps, new_task, cfg, None, self.fam.core)
         scorer = lambda m, f: self.scores(m, f, heads)  # noqa: E731
         new_cand = None
@@ -801,11 +818,8 @@ class CalibratedEngine:
             search.register(new_cand, None)
         chosen = C.search_fold(search, None, cfg, n)
         diagnosis = self.diagnose(search, new, fps, diag[0], heads, diag[1]) if diag else None
-        if chosen.coefficients is None:
-            merged = new
-        else:
-            search.move_to(torch.tensor(chosen.coefficients, dtype=torch.float64))
-            merged = self.fam.shared_state()
+        merged = new if chosen.coefficients is None else self.fold(chosen.coefficients, deployed, new, parent,
+                                                                   from_base)
         self.seconds["search"] += time.perf_counter() - t
         record = {"chosen": chosen.name, "objective": chosen.objective,
                   "candidates": {c.name: c.objective for c in search.candidates}, "scales": weights.scales,
@@ -1040,7 +1054,7 @@ def estimate_seconds(
     }
 
 
-CALIBRATED_CANDIDATES = 7  # keep, 0.25, 0.5, 0.75, new, and the refinement's midpoints (recall_hf.calibrate)
+CALIBRATED_CANDIDATES = 4  # keep, 0.5, new, and the quadratic model's proposals (recall_hf.calibrate: 0-2, ~1)
 
 
 def calibration_seconds(calibrated_k: tuple, n_tasks: int, eval_batch_s: float, args) -> float:

@@ -25,7 +25,8 @@ def test_method_specs_parse_and_reject_bad_options():
     assert spec.options["lam"] == 0.5 and spec.options["old"] == 1 and spec.options["tv"] == 1
     with pytest.raises(ValueError, match="bad option"):
         parse_method("recall:lamda=0.5")
-    assert parse_method("calibrated:new=0.5").options == {"new": 0.5, "k": 32, "norm": 0, "rule": "mean", "diag": 0}
+    assert parse_method("calibrated:new=0.5").options == {"new": 0.5, "k": 32, "norm": 0, "rule": "mean", "diag": 0,
+                                                          "grid": 0}
     assert parse_method("calibrated:rule=minimax").options["rule"] == "minimax"
     with pytest.raises(ValueError, match="rule must be one of minimax, mean"):
         parse_method("calibrated:rule=minmax")  # refused when parsed, not after the task models are trained
