@@ -16,7 +16,6 @@ from recall_hf.calibrate import (
     calibrated_fold,
     layer_groups,
     merge_weights,
-    midpoints,
     minimax_regret,
     predicted_divergences,
     profile_coefficients,
@@ -114,8 +113,6 @@ def test_merge_weights_express_the_fold_over_the_input_folders():
 def test_grid_helpers():
     assert layer_groups(5, 2) == [[0, 1], [2, 3, 4]]
     assert layer_groups(2, 5) == [[0], [1]]
-    assert midpoints([0.0, 0.5, 1.0], 0.5) == [0.25, 0.75]
-    assert midpoints([0.0, 0.5, 1.0], 0.0) == [0.25]
     assert profile_coefficients(torch.tensor([0.2, 0.6]), 2.0).tolist() == pytest.approx([0.4, 1.0])
 
 
@@ -189,7 +186,8 @@ def test_chosen_fold_never_worse_than_either_endpoint_and_fusion_writes_it(chain
     layer_map = LayerMap.from_pretrained(d)
     profile = [0.5] * (layer_map.num_layers + 1)
     profile[-1] = 0.9
-    fold = calibrated_fold(d, n, fps, new_task="new", profile=profile, config=CalibrationConfig(layer_groups=2))
+    fold = calibrated_fold(d, n, fps, new_task="new", profile=profile,
+                           config=CalibrationConfig(scales=(1.0, 1.5), layer_groups=2))
     cands = _by_name(fold)
     assert fold.chosen.objective <= min(cands["keep"]["objective"], cands["new"]["objective"])
     assert {"keep", "new", "constant:0.5", "profile:1", "profile:1.5"} <= set(cands)
@@ -213,7 +211,7 @@ def test_normalized_objective_divides_each_task_by_its_information_scale(chain):
     assert fold.report["scales"] == pytest.approx(scales) and plain.report["scales"] is None
     assert fold.report["task_weights"] == pytest.approx({t: 0.5 / scales[t] for t in fps})
     plain_by_name = _by_name(plain)
-    shared = set(_by_name(fold)) & set(plain_by_name)  # the refinement's midpoints may differ
+    shared = set(_by_name(fold)) & set(plain_by_name)  # the quadratic model's proposals may differ
     assert {"keep", "new", "constant:0.5"} <= shared
     for name, c in _by_name(fold).items():  # the same replays, weighed by 1 / scale
         if name in shared:
