@@ -704,28 +704,29 @@ class CalibratedEngine:
         if self.fam.has_heads:
             self.fam.core.classifier = self.fam.head_module(head)
 
-    def _fingerprint_on(self, new: State, head: State | None, texts: list[str], task: str):
-        """The task model's (``new`` with its ``head``) fingerprint on ``texts``."""
+    def _fingerprint_on(self, new: State, head: State | None, texts: list[str], task: str, steps: int):
+        """The task model's (``new`` with its ``head``) fingerprint on ``texts`` (LMs: ``steps`` positions each)."""
         from recall_hf.fingerprint import FingerprintConfig, compute_fingerprint
 
         self.fam.load(new)
         self._use_head(head)
-        cfg = FingerprintConfig(max_length=self.args.max_length, batch_size=self.args.eval_batch_size)
+        cfg = FingerprintConfig(steps=steps, max_length=self.args.max_length, batch_size=self.args.eval_batch_size)
         return compute_fingerprint(self.fam.core, self.fam.tok, texts, task, cfg)
 
-    def fingerprint(self, new: State, head: State | None, task: Prepared, k: int, seed: int):
-        samples = self.recall.typical_samples(new, task, k, seed)
+    def fingerprint(self, new: State, head: State | None, task: Prepared, opts: dict, seed: int):
+        samples = self.recall.typical_samples(new, task, opts["k"], seed)
         t = time.perf_counter()
-        fp = self._fingerprint_on(new, head, samples, task.name)
+        fp = self._fingerprint_on(new, head, samples, task.name, int(opts["steps"]))
         self.seconds["fingerprints"] += time.perf_counter() - t
         return fp
 
-    def heldout_fingerprint(self, new: State, head: State | None, task: Prepared, k: int):
+    def heldout_fingerprint(self, new: State, head: State | None, task: Prepared, opts: dict):
         """The task model's fingerprint on ``k`` training examples it never saw (diag=1): typical samples come from
         the training data, on which the task model is surer than on test."""
+        k = opts["k"]
         if len(task.heldout_texts) < k:
             raise ValueError(f"calibrated diag=1 needs {k} unused training examples of {task.name}; lower --train-n.")
-        return self._fingerprint_on(new, head, task.heldout_texts[:k], task.name)
+        return self._fingerprint_on(new, head, task.heldout_texts[:k], task.name, int(opts["steps"]))
 
     @torch.no_grad()
     def agreement(self, fp, head: State | None) -> float:
@@ -907,9 +908,9 @@ def run_method(
             new = ctx["chain_finetune"](deployed, heads, name)
         heads[name] = new.heads.get(name)
         if spec.family == "calibrated":  # what the task's drop carries: its model's fingerprint
-            fps[name] = ctx["calibrated"].fingerprint(new.shared, heads[name], task, spec.options["k"], ctx["seed"])
+            fps[name] = ctx["calibrated"].fingerprint(new.shared, heads[name], task, spec.options, ctx["seed"])
             if spec.options["diag"]:
-                heldout[name] = ctx["calibrated"].heldout_fingerprint(new.shared, heads[name], task, spec.options["k"])
+                heldout[name] = ctx["calibrated"].heldout_fingerprint(new.shared, heads[name], task, spec.options)
         if protocol == "from-base":
             ctx["vectors"] = [M.task_vector(task_models[n].shared, fam.base) for n in order[:step]]
         step_ctx = {**ctx, "protocol": protocol, "old_probes": old_probes, "fingerprints": fps, "heads": heads,

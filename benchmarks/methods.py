@@ -276,14 +276,15 @@ FAMILIES: dict[str, Family] = {
         Family(
             "calibrated",
             ("chain", "from-base"),
-            {"new": 0.0, "k": 32, "norm": 0, "rule": "mean", "diag": 0, "grid": 0},
+            {"new": 0.0, "k": 32, "norm": 0, "rule": "mean", "diag": 0, "grid": 0, "steps": 4},
             "calibrated fold (recall_hf.calibrate): D + a (N - P), P = D (chain) or the base (from-base), a picked "
             "per step among 0, 0.5, 1, up to two more multiples of 1/8 that a quadratic model of each task's "
             "divergence along a proposes (grid=1: every multiple of 1/8 instead) and N as is, by the fingerprint KL "
             "of every task so "
             "far on its typical samples (new>0: the newest task's share of the objective, else tasks equal; "
             "norm=1: each task's KL divided by its own model's information scale; rule=minimax: the largest share of "
-            "a task's knowledge lost beyond its better endpoint; k=typical samples; diag=1: record every "
+            "a task's knowledge lost beyond its better endpoint; k=typical samples; steps=positions an LM fingerprint "
+            "keeps per sample, the prompt's end and steps-1 greedy tokens (library default 4); diag=1: record every "
             "candidate's test accuracy, divergence on unused training examples and top-1 agreement, for "
             "benchmarks.calibrated_diag)",
         ),
@@ -375,6 +376,8 @@ def parse_method(text: str) -> MethodSpec:
 
         if options["rule"] not in CALIBRATE_RULES:
             raise ValueError(f"Method {text!r}: rule must be one of {', '.join(CALIBRATE_RULES)}.")
+        if options["steps"] < 1:
+            raise ValueError(f"Method {text!r}: steps must be >= 1.")
     return MethodSpec(family, options, label=text)
 
 

@@ -26,7 +26,11 @@ def test_method_specs_parse_and_reject_bad_options():
     with pytest.raises(ValueError, match="bad option"):
         parse_method("recall:lamda=0.5")
     assert parse_method("calibrated:new=0.5").options == {"new": 0.5, "k": 32, "norm": 0, "rule": "mean", "diag": 0,
-                                                          "grid": 0}
+                                                          "grid": 0, "steps": 4}
     assert parse_method("calibrated:rule=minimax").options["rule"] == "minimax"
     with pytest.raises(ValueError, match="rule must be one of minimax, mean"):
         parse_method("calibrated:rule=minmax")  # refused when parsed, not after the task models are trained
+    assert parse_method("calibrated:steps=1").options["steps"] == 1
+    for bad, why in (("steps=0", "steps must be >= 1"), ("steps=1.5", "is not a int")):
+        with pytest.raises(ValueError, match=why):
+            parse_method(f"calibrated:{bad}")
