@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -84,6 +85,66 @@ def load_steps(dirs: list[Path]) -> list[tuple[str, int, dict]]:
     return steps
 
 
+class NotStored(LookupError):
+    """The search asked for a fold the run did not score."""
+
+
+def replay_search(rec: dict) -> tuple[str, int]:
+    """The library's default search (`recall_hf.calibrate.search_fold`, minimax, tasks equal, constant line only as
+    in the benchmark) run again on one step's stored divergences instead of replays: the fold it picks and how many
+    candidates it scored. A one-weight model stands in for the working model (its weight is the fold's `a`), and a
+    scorer looks each `a` up in the record; `NotStored` when the search asks for a fold the run did not score."""
+    import torch
+
+    from recall_hf import calibrate as C
+    from recall_hf.fingerprint import TaskScore
+
+    div = rec["divergence"]
+    from_base = "constant:1" in div  # the chain's a=1 is N itself; from one base N lies off the line
+    names = {0.0: "keep", 1.0: "constant:1" if from_base else "new"}
+    model = torch.nn.Linear(1, 1, bias=False).double()
+    torch.nn.init.zeros_(model.weight)
+
+    def scorer(m, fps):
+        a = round(float(m.weight.detach()), 6)
+        name = names.get(a, f"constant:{a:g}")
+        if name not in div:
+            raise NotStored(name)
+        return {t: TaskScore(v, 0.0) for t, v in div[name].items()}
+
+    tasks = list(div["keep"])
+    goal = C.Objective(C.task_weights(tasks, None), "minimax", dict(rec["scales"]))
+    fps = {t: type("Stored", (), {"lengths": torch.ones(1)})() for t in tasks}
+    search = C.FoldSearch(model, {"weight": torch.ones(1, 1, dtype=torch.float64)}, {"weight": 0}, 1, fps, goal,
+                          scorer=scorer)
+    if from_base:  # N as it is, scored beside the line (its objective is set when the endpoints anchor it)
+        scores = {t: {"divergence": v} for t, v in div["new"].items()}
+        search.register(C.Candidate("new", "new", None, None, scores, math.inf), None)
+    chosen = C.search_fold(search, None, C.CalibrationConfig(scales=(), rule="minimax"), 1)
+    return chosen.name, len(search.candidates)
+
+
+def search_lines(steps: list[tuple[str, int, dict]]) -> list[str]:
+    """How the library's search (`replay_search`) does on the stored steps, against the best stored candidate."""
+    same, scored, stored, outside = 0, [], [], 0
+    for _, _, rec in steps:
+        value = minimax(rec["divergence"], rec["scales"])
+        try:
+            pick, n = replay_search(rec)
+        except NotStored:
+            outside += 1
+            continue
+        same += pick == min(value, key=value.get)
+        scored.append(n)
+        stored.append(len(value))
+    if not scored:
+        return ["The library's search asked for folds no run scored at every step: no replay."]
+    return [f"The library's search (`replay_search`: minimax, constant line, quadratic refinement) run on the stored "
+            f"divergences picks the best stored candidate in {same} of {len(scored)} steps, scoring "
+            f"{statistics.fmean(scored):.2f} candidates where the run scored {statistics.fmean(stored):.2f}"
+            + (f"; {outside} step(s) asked for a fold the run did not score." if outside else ".")]
+
+
 def report(dirs: list[Path]) -> str:
     steps = load_steps(dirs)
     if not steps:
@@ -99,6 +160,7 @@ def report(dirs: list[Path]) -> str:
         wins = sum(d > 1e-9 for d in diff), sum(abs(d) <= 1e-9 for d in diff), sum(d < -1e-9 for d in diff)
         lines.append(f"| {name} | {statistics.fmean(accs):.4f} | {statistics.fmean(diff):+.4f} | "
                      f"{wins[0]} / {wins[1]} / {wins[2]} |")
+    lines += ["", *search_lines(steps)]
     lines += ["", "Picks per step:", ""]
     names = list(rows[0])
     lines.append("| run | step | " + " | ".join(names) + " |")

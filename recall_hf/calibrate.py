@@ -90,8 +90,9 @@ class CalibrationConfig:
         prune (`bool`, *optional*, defaults to `True`):
             Stop replaying a candidate once it cannot win (every per-sample divergence is >= 0, so the replayed part
             bounds its objective from below): the same choice in less time; a pruned candidate's report has a lower
-            bound for `objective`, `pruned: true` and only the tasks replayed to the end. The endpoints `keep` and
-            `new` are always scored in full.
+            bound for `objective`, `pruned: true` and only the tasks replayed to the end. The constant line's folds
+            (the endpoints `keep` and `new` among them) are always scored in full: the refinement's model and the
+            daemon's fingerprint gate read them; profile and layer-group candidates may be pruned.
         screen_samples (`int`, *optional*, defaults to `0`):
             A cheaper search that may choose differently (0: off): score every candidate on this many samples per
             task (spread evenly), then only the `finalists` best in full; the fold is the best finalist.
@@ -319,17 +320,34 @@ def quadratic_at(points: Mapping[float, float], x: float) -> float:
     return total
 
 
+def divergence_at(points: Mapping[float, float], a: float) -> float:
+    """One task's divergence at `a` from its scored folds `{x: divergence}` (at least two).
+
+    Where the task's own model lies on the line (its divergence there is 0, up to float noise: the new model in the
+    chain form, the deployed one for the task it was fine-tuned on), the divergence is least there with zero slope, so
+    between that fold `x0` and its nearest scored neighbour `x1` on `a`'s side it is `d(x1) ((a - x0) / (x1 - x0))^2`.
+    Elsewhere: the quadratic through the three scored folds nearest `a` (`quadratic_at`), floored at 0.
+    """
+    top = max(points.values())
+    for x0 in sorted((x for x, v in points.items() if v <= 1e-6 * top), key=lambda x: abs(x - a)):
+        side = [x for x in points if (x - x0) * (a - x0) > 0]
+        x1 = min(side, key=lambda x: abs(x - x0), default=None)
+        if x1 is not None and abs(a - x0) <= abs(x1 - x0):
+            return points[x1] * ((a - x0) / (x1 - x0)) ** 2
+    return max(0.0, quadratic_at(points, a))
+
+
 def predicted_divergences(
     line: Mapping[float, Mapping[str, float]], tasks: list[str], a: float
 ) -> dict[str, float] | None:
-    """Each task's divergence at the constant fold `a` from the quadratic through its nearest scored folds on the
-    line (`{a: {task: divergence}}`), floored at 0; `None` when a task has fewer than two scored folds."""
+    """Each task's divergence at the constant fold `a` (`divergence_at`) from its scored folds on the line
+    (`{a: {task: divergence}}`); `None` when a task has fewer than two scored folds."""
     out = {}
     for t in tasks:
         points = {x: d[t] for x, d in line.items() if t in d}
         if len(points) < 2:
             return None
-        out[t] = max(0.0, quadratic_at(points, a))
+        out[t] = divergence_at(points, a)
     return out
 
 
@@ -457,12 +475,22 @@ def _line(search: FoldSearch) -> dict[float, dict[str, float]]:
             if c.family in ("keep", "new", "constant") and c.coefficients and len(set(c.coefficients)) == 1}
 
 
+def _at_line_end(search: FoldSearch, best: float, top: float) -> bool:
+    """Whether the best candidate so far (objective `best` above float noise) is an end of the constant line,
+    `a = 0` (keep D) or `a = top` (all of N's task vector): a fold that gives one side none of the other's, so one
+    step inward is worth a replay even where the model does not predict a gain (it misses sigmoid-shaped divergences
+    near an end)."""
+    return best > 1e-9 and any(c.objective == best and not c.pruned and c.coefficients and
+                            set(c.coefficients) in ({0.0}, {top}) for c in search.candidates)
+
+
 def propose_constant(search: FoldSearch, config: CalibrationConfig, n: int) -> None:
-    """Score up to `config.refine_steps` constant folds, each the best of `refine_grid` under the quadratic model of
-    every task's divergence along `a` (`predicted_divergences`), and only while that prediction beats the best
-    candidate so far. Each proposal's prediction is kept in its `predicted`."""
+    """Score up to `config.refine_steps` constant folds, each the best of `refine_grid` under the model of every
+    task's divergence along `a` (`predicted_divergences`), while that prediction beats the best candidate so far (or,
+    at the first step, while the best is an end of the line: `_at_line_end`). Each proposal's prediction is kept in its
+    `predicted`."""
     top, coefs = config.max_coefficient, _constant(n)
-    for _ in range(config.refine_steps):
+    for step in range(config.refine_steps):
         line, best = _line(search), search.bound(top)
         if best is None:
             return
@@ -475,9 +503,9 @@ def propose_constant(search: FoldSearch, config: CalibrationConfig, n: int) -> N
                 return
             predicted[a] = search.goal.value({t: {"divergence": v} for t, v in div.items()})
         a = min(predicted, key=predicted.get, default=None)
-        if a is None or not predicted[a] < best:
+        if a is None or not (predicted[a] < best or (step == 0 and _at_line_end(search, best, top))):
             return
-        search.evaluate(f"constant:{a:g}", "constant", a, coefs(a), best).predicted = predicted[a]
+        search.evaluate(f"constant:{a:g}", "constant", a, coefs(a)).predicted = predicted[a]  # in full, as the grid
 
 
 def _family_search(search: FoldSearch, profile: torch.Tensor | None, config: CalibrationConfig, n: int) -> None:
@@ -488,8 +516,9 @@ def _family_search(search: FoldSearch, profile: torch.Tensor | None, config: Cal
     if profile is not None:
         families["profile"] = (sorted(set(config.scales)), lambda v: profile_coefficients(profile, v, top))
     for family, (grid, coefs) in families.items():
-        for v in grid:
-            search.evaluate(f"{family}:{v:g}", family, v, coefs(v), search.bound(top))
+        for v in grid:  # the constant line's folds in full: the refinement's model needs every task's divergence
+            bound = search.bound(top) if family != "constant" else None
+            search.evaluate(f"{family}:{v:g}", family, v, coefs(v), bound)
     if config.refine:
         propose_constant(search, config, n)
 

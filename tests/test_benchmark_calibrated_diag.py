@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from benchmarks.calibrated_diag import main, minimax, step_rows
+from benchmarks.calibrated_diag import NotStored, main, minimax, replay_search, search_lines, step_rows
 
 
 def _record() -> dict:
@@ -57,3 +57,31 @@ def test_cli_reports_from_result_folders_and_refuses_a_folder_without_results(tm
     assert (tmp_path / "diag.md").read_text().startswith("1 fold decisions")
     with pytest.raises(SystemExit, match="No results.json"):
         main([str(tmp_path / "missing")])
+
+
+def _quadratic_record(points: list[float]) -> dict:
+    """Divergences exactly quadratic in a: old 0.9 a^2 (scale 0.1), new (1 - a)^2 (scale 1): the minimax regret
+    max(9 a^2, (1 - a)^2) is least at a = 0.25."""
+    name = lambda a: {0.0: "keep", 1.0: "new"}.get(a, f"constant:{a:g}")  # noqa: E731
+    return {"scales": {"old": 0.1, "new": 1.0},
+            "divergence": {name(a): {"old": 0.9 * a * a, "new": (1 - a) ** 2} for a in points}}
+
+
+def test_replay_search_runs_the_library_search_on_stored_scores():
+    pick, scored = replay_search(_quadratic_record([0.0, 0.25, 0.5, 0.75, 1.0]))
+    assert (pick, scored) == ("constant:0.25", 4)  # keep, new, 0.5, then the quadratic model's exact proposal
+    with pytest.raises(NotStored, match="constant:0.25"):
+        replay_search(_quadratic_record([0.0, 0.5, 0.75, 1.0]))
+    lines = search_lines([("run", 2, _quadratic_record([0.0, 0.25, 0.5, 1.0]))])
+    assert "best stored candidate in 1 of 1 steps, scoring 4.00 candidates where the run scored 4.00" in lines[0]
+
+
+def test_replay_search_steps_inward_from_a_line_end():
+    # MiniLM from one base, seed 1, step 2 (mm-minilm-s1): the new task's divergence is sigmoid-shaped along a and not
+    # 0 at a = 1 (N lies off the line), so the model through 0, 0.5, 1 predicts no gain at 0.875 (max(0.10, 0.19)
+    # against 0.131 at a = 1); the best so far is the line's end, so the first refinement step scores it anyway
+    div = {"keep": (0.000, 0.996), "constant:0.25": (0.010, 0.887), "constant:0.5": (0.038, 0.576),
+           "constant:0.75": (0.070, 0.184), "constant:0.875": (0.086, 0.070), "constant:1": (0.131, 0.044),
+           "new": (0.827, 0.000)}
+    rec = {"scales": {"old": 1.0, "new": 1.0}, "divergence": {c: {"old": o, "new": n} for c, (o, n) in div.items()}}
+    assert replay_search(rec) == ("constant:0.875", 5)  # keep, new, 0.5, 1, then 0.875
