@@ -13,7 +13,8 @@ Models:
   a fresh head (same seeded init for every method) together with the encoder it starts from.
 * ``--model smollm2``: SmolLM2-135M-Instruct, SFT on label words: prompt ``prompt_for(task, text)`` (the text is
   truncated so the prompt fits ``--max-length`` tokens), target ``target_for(task, label)``; the loss covers only the
-  answer tokens. Accuracy by rank classification: the label word with the lowest mean token loss after the prompt.
+  answer tokens. Accuracy by rank classification: the label word with the lowest mean token loss after the prompt
+  (``--lm-metric greedy``: exact match of greedy generation over the whole vocabulary instead).
 
 Fine-tuning: a plain torch loop (AdamW, linear warmup then linear decay, seeded data order and head init). With
 ``--lora`` a PEFT LoRA (r=8, attention + MLP projections; heads trained fully) is trained and folded into full

@@ -38,6 +38,7 @@ from transformers import TrainerCallback
 from .card import publish_task_checkpoint
 from .config import RecallConfig
 from .durable import fsync_dir
+from .fingerprint import FingerprintConfig
 from .modeldir import READY, is_adapter_dir, read_recall_json
 from .preflight import check_before_training, train_inputs
 from .privacy import TASK_CHECKPOINT_SUBDIR
@@ -440,6 +441,7 @@ class RecallCallback(TrainerCallback):
         logs: dict[str, Any] = {"recall/num_samples": float(len(samples))}
         write = dict(tokenizer=processing_class, samples=samples, task_name=task, parent=self.parent,
                      base=self.base, state_dict=state_dict,
+                     fingerprint_config=FingerprintConfig(steps=self.config.fingerprint_steps),
                      extra={"global_step": state.global_step, "output_dir": str(Path(args.output_dir).absolute())})
         out = self._output_checkpoint_dir(args)
         if self.drop_dir is not None:

@@ -14,6 +14,7 @@ from .flags import add_dataclass_args, dataclass_values
 # The RecallConfig fields `select-samples` uses (the rest only matter to a merge).
 SELECT_FIELDS = ("k", "max_candidates", "minibatch_threshold", "seed", "batch_size", "max_length", "device",
                  "device_map")
+TASK_CHECKPOINT_FIELDS = (*SELECT_FIELDS, "fingerprint_steps")
 PLUGIN_GROUP = "recall_hf.commands"
 
 
@@ -63,7 +64,7 @@ def _cmd_fold(args: argparse.Namespace) -> int:
 def _cmd_task_checkpoint(args: argparse.Namespace) -> int:
     from .task_checkpoint import make_task_checkpoint
 
-    config = _config_from(args, SELECT_FIELDS)
+    config = _config_from(args, TASK_CHECKPOINT_FIELDS)
     out = make_task_checkpoint(args.model_dir, args.texts, task=args.task, parent=args.parent, base=args.base,
                                config=config, overwrite=args.overwrite)
     print(f"Made {out} a task checkpoint (recall_samples.jsonl, recall_fingerprint.safetensors, recall.json, READY)")
@@ -85,7 +86,7 @@ def _add_task_checkpoint(sub) -> None:
                    "base)")
     t.add_argument("--base", default=None, help="the original base model (an adapter's base must be local)")
     t.add_argument("--overwrite", action="store_true", help="redo a folder that already is a task checkpoint")
-    add_dataclass_args(t.add_argument_group("RECALL settings (RecallConfig)"), RecallConfig, SELECT_FIELDS)
+    add_dataclass_args(t.add_argument_group("RECALL settings (RecallConfig)"), RecallConfig, TASK_CHECKPOINT_FIELDS)
     t.set_defaults(func=_cmd_task_checkpoint)
 
 

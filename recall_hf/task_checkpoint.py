@@ -209,6 +209,7 @@ def write_task_checkpoint(
     extra: dict | None = None,
     state_dict: dict[str, torch.Tensor] | None = None,
     fingerprint: bool | Fingerprint = True,
+    fingerprint_config: FingerprintConfig | None = None,
 ) -> Path:
     """Write a complete task checkpoint to `out_dir` (must not exist or be empty), atomically.
 
@@ -227,6 +228,7 @@ def write_task_checkpoint(
         fingerprint: `True` records the model's behaviour on the samples in `recall_fingerprint.safetensors` (SPEC
             2.7) when the model object can run here (not for a directory or a sharded model); a `Fingerprint` is
             written as given; `False` writes none.
+        fingerprint_config: how much of the model's behaviour the fingerprint keeps (default `FingerprintConfig()`).
 
     Returns:
         The checkpoint directory.
@@ -239,7 +241,8 @@ def write_task_checkpoint(
     out_dir = Path(out_dir)
     t0 = time.perf_counter()
     if fingerprint is True:
-        fingerprint = fingerprint_for_checkpoint(model, tokenizer, samples, task_name, sharded=state_dict is not None)
+        fingerprint = fingerprint_for_checkpoint(model, tokenizer, samples, task_name, sharded=state_dict is not None,
+                                                 config=fingerprint_config)
     with staged_task_dir(out_dir) as stage:
         kind = save_weights(model, stage, state_dict)
         if tokenizer is not None:
@@ -316,7 +319,7 @@ def make_task_checkpoint(
         base: the original base model (default: the parent's recorded base, else the parent; for an adapter its
             `base_model_name_or_path`, which must be a local directory).
         config: a `RecallConfig` for the sample selection (`k`, seeds, batching, device).
-        fingerprint_config: a `FingerprintConfig`.
+        fingerprint_config: a `FingerprintConfig` (default: its defaults with `config.fingerprint_steps`).
         overwrite: redo a folder that already is a task checkpoint.
     """
     model_dir = Path(model_dir)
@@ -329,6 +332,7 @@ def make_task_checkpoint(
     model, tokenizer, kind, base = _load_checkpoint_model(model_dir, base, config.device)
     parent = parent or (base if kind == "adapter" else None)
     samples = select_typical_samples(texts, model, tokenizer, config, progress)
+    fingerprint_config = fingerprint_config or FingerprintConfig(steps=config.fingerprint_steps)
     fp = compute_fingerprint(model, tokenizer, [s["text"] for s in samples], task, fingerprint_config)
     del model
     (model_dir / READY).unlink(missing_ok=True)

@@ -4,6 +4,7 @@ fingerprints an output carries, and `calibrate=False` unchanged."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from safetensors.torch import load_file
 from recall_hf.calibrated import check_calibrate
 from recall_hf.cli import build_parser, main
 from recall_hf.config import RecallConfig
-from recall_hf.fingerprint import FINGERPRINTS_DIR, read_fingerprints
+from recall_hf.fingerprint import FINGERPRINT_NAME, FINGERPRINTS_DIR, load_fingerprint, read_fingerprints
 from recall_hf.merge import execute_merge, prepare_merge, recall_merge
 from recall_hf.tiny import build_tiny_model
 
@@ -79,6 +80,17 @@ def test_refusals_are_one_line(tmp_path, stream):
     with pytest.raises(ValueError, match="recall-hf task-checkpoint"):
         recall_merge([dirs["PREV"], dirs["BASE"]], PROBES, tmp_path / "o", RecallConfig(k=3, calibrate=True))
     assert not (tmp_path / "o").exists()
+
+
+def test_task_checkpoint_fingerprint_steps(tmp_path, stream, checkpoints):
+    _, dirs, texts = stream
+    assert load_fingerprint(dirs["PREV"] / FINGERPRINT_NAME).steps == RecallConfig().fingerprint_steps == 4
+    one = shutil.copytree(dirs["BASE"], tmp_path / "one")
+    assert main(["task-checkpoint", str(one), "--texts", str(texts), "--fingerprint-steps", "1", *FAST]) == 0
+    fp = load_fingerprint(one / FINGERPRINT_NAME)
+    assert fp.steps == 1 and fp.topk_logprobs.shape[1] == 1  # the prompt's end only
+    with pytest.raises(ValueError, match="fingerprint_steps must be >= 1"):
+        RecallConfig(fingerprint_steps=0)
 
 
 def test_task_checkpoint_refuses_folder_without_weights(tmp_path, capsys):

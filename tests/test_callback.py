@@ -25,6 +25,7 @@ from transformers import (
 from recall_hf import RecallCallback, RecallConfig
 from recall_hf.callback import dataset_texts, render_prompt
 from recall_hf.durable import current_umask
+from recall_hf.fingerprint import load_fingerprint
 from recall_hf.modeldir import FINGERPRINT_NAME, READY, RECALL_JSON, is_weight_file, sha256_file
 from recall_hf.models import load_backbone, load_tokenizer
 from recall_hf.representations import pooled_hidden_states
@@ -91,7 +92,8 @@ def check_complete(ckpt: Path, kind: str = "full") -> dict:
 def trained(base_dir, tmp_path_factory):
     """One full fine-tuning run with the callback writing to a drop folder and to output_dir."""
     root = tmp_path_factory.mktemp("trained")
-    callback = RecallCallback(drop_dir=root / "drop", config=RecallConfig(k=5), task_name="movies", progress=False)
+    config = RecallConfig(k=5, fingerprint_steps=2)
+    callback = RecallCallback(drop_dir=root / "drop", config=config, task_name="movies", progress=False)
     trainer = make_trainer(base_dir, root / "out", callback)
     trainer.train()
     return root, callback, trainer
@@ -105,6 +107,7 @@ def test_callback_writes_complete_checkpoint(trained, base_dir):
     for ckpt in (callback.checkpoint_dir, callback.drop_path):
         meta = check_complete(ckpt)
         assert meta["task"] == "movies" and meta["kind"] == "task-checkpoint"
+        assert load_fingerprint(ckpt / FINGERPRINT_NAME).steps == 2  # RecallConfig.fingerprint_steps
         assert meta["parent"] == str(base_dir.resolve()) and meta["base"] == str(base_dir.resolve())
         assert meta["parent_sha256"] == {"model.safetensors": sha256_file(base_dir / "model.safetensors")}
     # The checkpoint holds the trained weights, not the base's.
