@@ -15,7 +15,10 @@ multiple of 1/8, and the best prediction is scored if it beats the best candidat
 best so far is an end of the line (at most `refine_steps` times; `propose_constant`). Run on the 86 stored benchmark
 decisions (`benchmarks.calibrated_diag.replay_search`), this picks what the old grid of 7 picked in every one, with
 4.05 replays instead of 6.95. Optionally each layer group's coefficients are then nudged once.
-Each candidate is scored by replaying every task's fingerprint (`fingerprint.py`). Raw KLs of a confident head and an
+Each candidate is scored by replaying every task's fingerprint (`fingerprint.py`). A merge of full models scores
+both endpoints in its representation step instead (`endpoint_pass`): the replays of D and N over the new task's
+fingerprint also give RECALL's representations of its typical samples, so the search replays only the candidates
+between them. Raw KLs of a confident head and an
 unsure one are not comparable (measured: the confident tasks then decide every fold), so each task's divergence is
 divided by its information scale, how far its own model's stored predictions are from a uniform guess
 (`fingerprint.information_scale`). The objective (`CalibrationConfig.rule`) is either `minimax`, the default: the
@@ -32,6 +35,7 @@ merge weights over the input folders, which `fusion.fuse_checkpoints` streams in
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import time
@@ -43,11 +47,14 @@ import torch
 
 from .config import CALIBRATE_RULES
 from .fingerprint import (
+    FINGERPRINT_NAME,
     Fingerprint,
     TaskScore,
     information_scale,
+    load_fingerprint,
     load_task_model,
     output_size,
+    score_and_represent,
     score_tasks,
     score_tasks_bounded,
 )
@@ -641,13 +648,16 @@ def _finals(search: FoldSearch, new_full: Candidate | None, config: CalibrationC
 def search_loaded(
     model, deploy: Callable, n_layers: int, fingerprints: Mapping[str, Fingerprint], tw: Objective,
     profile: torch.Tensor | None, config: CalibrationConfig, from_base: bool, timings: dict[str, float],
+    endpoints: Mapping[str, Mapping[str, TaskScore]] | None = None,
 ) -> tuple[Candidate, list[Candidate], list[Candidate]]:
     """The search on a working model that holds N: score N, `deploy(model)` (moves it to D in place and returns
     `(delta, layers)`), then every candidate `D + a_l * delta`. Shared by full models and LoRA adapters.
 
     With `config.screen_samples` the candidates are scored on that many samples per task and the best
     `config.finalists` again on all (N as it is, which the moved model cannot return to in the from-base form, is
-    scored in full before `deploy`).
+    scored in full before `deploy`). `endpoints` (`{"keep": scores, "new": scores}`, from `endpoint_pass`) are D's
+    and N's scores on every fingerprint, already measured: the search uses them instead of replaying both endpoints
+    (not when screening, whose endpoints are scored on the screen).
 
     Returns:
         `(chosen, candidates, screened)`: the candidates scored in full and, when screening, every screened one;
@@ -657,7 +667,9 @@ def search_loaded(
     screen = config.screen_samples
     search_fps = {k: fp.subset(screen) for k, fp in fingerprints.items()} if screen else fingerprints
     coefs = None if from_base else [1.0] * n_layers
-    new_cand = _scored("new", "new", None, coefs, score_tasks(model, search_fps, config.batch_size), tw)
+    endpoints = None if screen else endpoints
+    new_scores = endpoints["new"] if endpoints else score_tasks(model, search_fps, config.batch_size)
+    new_cand = _scored("new", "new", None, coefs, new_scores, tw)
     new_full = None
     if screen and from_base:
         new_full = _scored("new", "new", None, None, score_tasks(model, fingerprints, config.batch_size), tw)
@@ -669,6 +681,9 @@ def search_loaded(
     search = FoldSearch(model, delta, layers, n_layers, search_fps, tw, config.batch_size, prune=config.prune)
     del delta  # the search holds the only reference: released with it
     search.register(new_cand, None if from_base else torch.ones(n_layers, dtype=torch.float64))
+    if endpoints:  # `search_fold`'s keep is then this one
+        zeros = torch.zeros(n_layers, dtype=torch.float64)
+        search.register(_scored("keep", "keep", 0.0, zeros.tolist(), endpoints["keep"], tw), zeros)
     chosen = search_fold(search, profile, config, n_layers)
     timings["search"] = time.perf_counter() - t
     if not screen:
@@ -716,6 +731,7 @@ def calibrated_fold(
     layer_map: LayerMap | None = None,
     config: CalibrationConfig | None = None,
     weights: Mapping[str, float] | None = None,
+    endpoints: Mapping[str, Mapping[str, TaskScore]] | None = None,
 ) -> CalibratedFold:
     """Search the fold of `new` into `deployed` that best keeps every task's fingerprint (module docstring).
 
@@ -730,6 +746,8 @@ def calibrated_fold(
         layer_map: parameter name -> layer (default: from the loaded model).
         config: the search; defaults to `CalibrationConfig()`.
         weights: explicit objective weight per task (overrides equal weights and `new_task_weight`).
+        endpoints: D's and N's scores on every fingerprint in `fingerprints`, when already measured
+            (`endpoint_pass`); else the search replays both.
 
     Returns:
         A `CalibratedFold`: pass `[CheckpointReader(d) for d in fold.inputs]` and `fold.weights` to
@@ -748,9 +766,55 @@ def calibrated_fold(
     timings = {"load": time.perf_counter() - t0}
     found = search_loaded(
         model, lambda m: _delta_and_deploy(m, deployed, parent, layer_map), n, fingerprints, tw, profile, config,
-        from_base, timings)
+        from_base, timings, endpoints)
     del model
     timings["total"] = time.perf_counter() - t0
     inputs = [parent, deployed, new] if from_base else [deployed, new]
     report = fold_report(from_base, inputs, new_task, tw, profile, config, found, timings)
+    report["endpoints_scored"] = "in the search" if endpoints is None or config.screen_samples else "beforehand"
     return CalibratedFold(inputs, merge_weights(chosen_coefficients(found[0]), n, from_base), found[0], report)
+
+
+def prompts_match(fp: Fingerprint, texts: list[str], tokenizer, max_length: int) -> bool:
+    """Whether `fp`'s samples are the prompts of `texts`, in order, none longer than `max_length` tokens: each text,
+    tokenized and cut to its row's prompt length, gives that row's prompt."""
+    tok = getattr(tokenizer, "tokenizer", tokenizer)
+    if len(texts) != fp.num_samples or int(fp.prompt_lengths.max()) > max_length:
+        return False
+    for i, text in enumerate(texts):
+        n = int(fp.prompt_lengths[i])
+        if list(tok(text, truncation=True, max_length=n)["input_ids"]) != fp.input_ids[i, :n].tolist():
+            return False
+    return True
+
+
+def endpoint_pass(
+    dirs: list[Path], texts: list[str], tokenizer, fingerprints: Mapping[str, Fingerprint], max_length: int,
+    batch_size: int = 8, device: str = "cpu",
+) -> tuple[list[torch.Tensor], dict[str, dict[str, TaskScore]]] | None:
+    """RECALL's representations of `texts` under D and N (`dirs`) and both endpoints' scores on every fingerprint,
+    from one replay per model (`score_and_represent`), when `texts` are the new task's fingerprint prompts
+    (`prompts_match`); else `None`, and the caller computes the representations as usual.
+
+    A calibrated merge replays both endpoints anyway; taking RECALL's representations from those passes saves the
+    two forward passes of the representation step. Each prompt is pooled as the fingerprint keeps it (an LM's is cut
+    `steps - 1` tokens shorter than the fingerprint's `max_length`).
+
+    Returns:
+        `([reps_D, reps_N], {"keep": D's scores, "new": N's scores})`, reps `[L+1, n, H]`.
+    """
+    new_task = load_fingerprint(dirs[-1] / FINGERPRINT_NAME).task
+    fp = fingerprints.get(new_task)
+    if len(dirs) != 2 or fp is None or not prompts_match(fp, texts, tokenizer, max_length):
+        return None
+    reps, scores = [], {}
+    for end, d in zip(("keep", "new"), dirs):
+        logger.info("Representations and %s's fingerprint scores: %s", end, d)
+        model = load_task_model(d, device)
+        try:
+            scores[end], r = score_and_represent(model, fingerprints, new_task, batch_size)
+        finally:
+            del model
+            gc.collect()
+        reps.append(r)
+    return reps, scores

@@ -43,7 +43,7 @@ def fold_plan(plan: MergePlan, fingerprints: dict[str, Fingerprint]) -> Calibrat
         return plan.strategy.calibrated_fold(fingerprints, new_task, plan.coefficients[:, -1], config)
     base = getattr(plan.strategy, "base", None)
     return calibrated_fold(plan.models[-2], plan.models[-1], fingerprints, new_task, parent=base,
-                           profile=plan.coefficients[:, -1], config=config)
+                           profile=plan.coefficients[:, -1], config=config, endpoints=plan.strategy.endpoints)
 
 
 def report_weights(fold: CalibratedFold, n_models: int) -> list[list[float]]:

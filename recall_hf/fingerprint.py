@@ -369,15 +369,14 @@ def _device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def _lm_forward(model, seqs: list[list[int]], n_tail: int, pad_id: int, pooled: bool):
+def _lm_forward(model, seqs: list[list[int]], n_tail: int, pad_id: int, pooled: bool, layers: bool = False):
     """Next-token log-probs at each row's last `n_tail` positions `[B, n_tail, V]` (fp32, CPU), and optionally the
-    last layer mean-pooled over all but those last `n_tail - 1` tokens (the prompt).
+    last layer (`[B, H]`; with `layers` every layer, `[L+1, B, H]`) mean-pooled over all but those last `n_tail - 1`
+    tokens (the prompt).
 
     Rows are left-padded with explicit position ids, so every row ends at the same column and only the last
     `n_tail` positions go through the LM head (`logits_to_keep`) where the model supports it.
     """
-    from .representations import masked_mean
-
     ids, mask = _pad(seqs, pad_id, left=True, device=_device(model))
     kwargs = {"input_ids": ids, "attention_mask": mask, "position_ids": (mask.cumsum(-1) - 1).clamp_min(0)}
     for name, value in (("logits_to_keep", n_tail), ("use_cache", False)):
@@ -390,18 +389,26 @@ def _lm_forward(model, seqs: list[list[int]], n_tail: int, pad_id: int, pooled: 
     prompt_mask = mask.clone()
     if n_tail > 1:
         prompt_mask[:, -(n_tail - 1) :] = 0
-    return logprobs, masked_mean(out.hidden_states[-1], prompt_mask).cpu()
+    return logprobs, _pool(out.hidden_states, prompt_mask, layers)
 
 
-def _encoder_forward(model, seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """Head logits `[B, C]` (classifiers; `None` otherwise) and the mean-pooled last layer `[B, H]`, fp32 CPU."""
+def _pool(hidden_states: tuple[torch.Tensor, ...], mask: torch.Tensor, layers: bool) -> torch.Tensor:
+    """The last layer mean-pooled over `mask` (`[B, H]`), or with `layers` every layer (`[L+1, B, H]`); fp32 CPU."""
     from .representations import masked_mean
 
+    if not layers:
+        return masked_mean(hidden_states[-1], mask).cpu()
+    return torch.stack([masked_mean(h, mask).cpu() for h in hidden_states])
+
+
+def _encoder_forward(model, seqs: list[list[int]], pad_id: int, layers: bool = False):
+    """Head logits `[B, C]` (classifiers; `None` otherwise) and the mean-pooled last layer `[B, H]` (with `layers`
+    every layer, `[L+1, B, H]`), fp32 CPU."""
     pad = getattr(getattr(_inner(model), "config", None), "pad_token_id", None)
     ids, mask = _pad(seqs, pad if isinstance(pad, int) else pad_id, left=False, device=_device(model))
     out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
     logits = out.logits.float().cpu() if model_kind(model) == "classifier" else None
-    return logits, masked_mean(out.hidden_states[-1], mask).cpu()
+    return logits, _pool(out.hidden_states, mask, layers)
 
 
 class _evaluating:
@@ -528,10 +535,11 @@ def _check_fits(model: torch.nn.Module, fp: Fingerprint) -> None:
                          "it was made with another tokenizer.")
 
 
-def _replay_batch(model, fp: Fingerprint, index: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sample divergence and pooled representation of samples `index` under `model`."""
+def _replay_batch(model, fp: Fingerprint, index: list[int], layers: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample divergence and pooled representation of samples `index` under `model` (`[B, H]`, the last layer;
+    with `layers` every layer, `[L+1, B, H]`)."""
     if fp.kind == "lm" and model_kind(model) == "lm":
-        logprobs, pool = _lm_forward(model, fp.rows(index), fp.steps, fp.pad_id, pooled=True)
+        logprobs, pool = _lm_forward(model, fp.rows(index), fp.steps, fp.pad_id, pooled=True, layers=layers)
         ids = fp.topk_ids[index]
         if int(ids.max()) >= logprobs.shape[-1]:
             raise ValueError(f"Fingerprint of task {fp.task!r} names tokens beyond the model's {logprobs.shape[-1]} "
@@ -539,7 +547,7 @@ def _replay_batch(model, fp: Fingerprint, index: list[int]) -> tuple[torch.Tenso
         return topk_kl(fp.topk_logprobs[index], logprobs.gather(-1, ids)).mean(-1), pool
     if fp.kind == "lm":  # a representation-only model scoring an LM fingerprint: not reachable via _check_fits
         raise ValueError(f"Fingerprint of task {fp.task!r} needs a causal LM to replay.")
-    logits, pool = _encoder_forward(model, fp.rows(index), fp.pad_id)
+    logits, pool = _encoder_forward(model, fp.rows(index), fp.pad_id, layers)
     if fp.kind == "classifier":
         if logits.shape[-1] != fp.logits.shape[-1]:
             raise ValueError(f"Fingerprint of task {fp.task!r} has {fp.logits.shape[-1]} classes, the model "
@@ -587,6 +595,33 @@ def score_tasks(
 ) -> dict[str, TaskScore]:
     """`fingerprint_divergence` of every task, by name."""
     return score_tasks_bounded(model, fingerprints, {}, math.inf, batch_size)[0]
+
+
+@torch.no_grad()
+def score_and_represent(
+    model: torch.nn.Module, fingerprints: Mapping[str, Fingerprint], task: str, batch_size: int = 8
+) -> tuple[dict[str, TaskScore], torch.Tensor]:
+    """`score_tasks`, and from the same forward passes every layer's hidden states mean-pooled over each prompt of
+    `task`'s samples, `[L+1, n, H]` in the fingerprint's order: RECALL's representations of those prompts (SPEC 2.2),
+    with each prompt as the fingerprint keeps it. Scores equal `score_tasks`' exactly (the same batches)."""
+    scores, reps = {}, None
+    with _evaluating(model):
+        for name, fp in fingerprints.items():
+            if name != task:
+                scores[name] = score_tasks(model, {name: fp}, batch_size)[name]
+                continue
+            _check_fits(model, fp)
+            divs, pools, seen = [], [], []
+            for index in _batches(fp.num_samples, batch_size, fp.lengths.tolist()):
+                div, pool = _replay_batch(model, fp, index, layers=True)
+                divs.append(div)
+                pools.append(pool)
+                seen += index
+            scores[name] = _task_score(fp, divs, [p[-1] for p in pools], seen)
+            reps = torch.cat(pools, dim=1)[:, torch.tensor(seen).argsort()]
+    if reps is None:
+        raise ValueError(f"No fingerprint of task {task!r} to take representations from.")
+    return scores, reps
 
 
 def _batch_share(fp: Fingerprint, div: torch.Tensor, pool: torch.Tensor, index: list[int], scale: float) -> float:

@@ -7,10 +7,12 @@ from pathlib import Path
 
 import torch
 
+from .calibrate import endpoint_pass
 from .compat import check_compatible, check_layers_mapped, check_same_architecture
 from .config import RecallConfig
 from .fusion import fuse_checkpoints
 from .hub import input_labels
+from .fingerprint import collect_fingerprints
 from .layers import LayerMap
 from .modeldir import copy_aux_files
 from .models import load_config, load_tokenizer
@@ -67,12 +69,21 @@ class FullMerge:
         self.num_layers = self.layer_map.num_layers
         self.hashed_dirs = ([base] if base is not None else []) + dirs
         self.tokenizer = load_tokenizer(dirs[-1])
+        self.endpoints = None  # calibrate: D's and N's fingerprint scores, measured with the representations
 
     def typical_samples(self, texts: list[str], config: RecallConfig, progress: bool) -> list[str]:
         picks = select_typical_samples(texts, self.dirs[-1], self.tokenizer, config, progress)
         return [s["text"] for s in picks]
 
     def representations(self, texts: list[str], config: RecallConfig, progress: bool) -> list[torch.Tensor]:
+        """Each input's `[L+1, n, H]` on `texts`; a calibrated merge of the new task's own typical samples takes them
+        from the replays that score both endpoints (`calibrate.endpoint_pass`, kept in `self.endpoints`)."""
+        if config.calibrate:
+            fused = endpoint_pass(self.dirs, texts, self.tokenizer, collect_fingerprints(*self.hashed_dirs),
+                                  config.max_length, config.batch_size, config.device)
+            if fused is not None:
+                reps, self.endpoints = fused
+                return reps
         return [
             model_representations(d, texts, self.tokenizer, config.batch_size, config.max_length, config.device,
                                   config.device_map, progress, desc=f"Representations {label}")

@@ -32,6 +32,7 @@ class MergeStrategy(Protocol):
     kind: str  # "full" or "adapter"
     num_layers: int  # transformer blocks L; representations and coefficients have L + 1 rows
     hashed_dirs: list[Path]  # inputs whose weight files the report hashes
+    endpoints: dict | None  # calibrate: D's and N's fingerprint scores when `representations` measured them
 
     def typical_samples(self, texts: list[str], config: RecallConfig, progress: bool) -> list[str]: ...
 

@@ -11,10 +11,17 @@ import torch
 from conftest import PROBES, perturb
 from safetensors.torch import load_file
 
+from recall_hf.calibrate import CalibrationConfig, calibrated_fold
 from recall_hf.calibrated import check_calibrate
 from recall_hf.cli import build_parser, main
 from recall_hf.config import RecallConfig
-from recall_hf.fingerprint import FINGERPRINT_NAME, FINGERPRINTS_DIR, load_fingerprint, read_fingerprints
+from recall_hf.fingerprint import (
+    FINGERPRINT_NAME,
+    FINGERPRINTS_DIR,
+    collect_fingerprints,
+    load_fingerprint,
+    read_fingerprints,
+)
 from recall_hf.merge import execute_merge, prepare_merge, recall_merge
 from recall_hf.tiny import build_tiny_model
 
@@ -149,6 +156,29 @@ def test_calibrated_chain_fuses_the_chosen_fold(tmp_path, checkpoints):
     assert report.stats["planned_weights"] and report.stats["fingerprints"] == ["new", "prev"]
 
 
+def test_calibrated_merge_scores_both_endpoints_in_the_representation_pass(tmp_path, checkpoints):
+    """On the new task's own typical samples, the replays that score D and N also give RECALL's representations:
+    the search reuses those endpoint scores (equal to its own), chooses the same fold, and the plan's coefficients
+    are the plain pass's up to float noise. Other probes take the usual path."""
+    _, dirs = checkpoints
+    config = RecallConfig(k=3, calibrate=True)
+    plan = prepare_merge([dirs["PREV"], dirs["NEW"]], None, tmp_path / "o", config, progress=False)
+    assert sorted(plan.strategy.endpoints) == ["keep", "new"]
+    plain = prepare_merge([dirs["PREV"], dirs["NEW"]], None, tmp_path / "p", RecallConfig(k=3), progress=False)
+    plain.strategy.close()
+    assert plain.strategy.endpoints is None
+    assert torch.allclose(plan.coefficients, plain.coefficients, atol=1e-4)
+    cal = execute_merge(plan, progress=False).calibration
+    alone = calibrated_fold(dirs["PREV"], dirs["NEW"], collect_fingerprints(dirs["PREV"], dirs["NEW"]), "new",
+                            profile=plan.coefficients[:, -1], config=CalibrationConfig(batch_size=config.batch_size))
+    assert cal["endpoints_scored"] == "beforehand" and alone.report["endpoints_scored"] == "in the search"
+    fused, searched = ({c["name"]: c for c in r["candidates"]} for r in (cal, alone.report))
+    assert fused["keep"]["scores"] == searched["keep"]["scores"] and fused["new"]["scores"] == searched["new"]["scores"]
+    assert cal["chosen"]["name"] == alone.report["chosen"]["name"]
+    other = recall_merge([dirs["PREV"], dirs["NEW"]], PROBES[:2], tmp_path / "q", config, progress=False)
+    assert other.calibration["endpoints_scored"] == "in the search"
+
+
 def test_calibrated_from_base(tmp_path, checkpoints):
     _, dirs = checkpoints
     out = tmp_path / "FB"
@@ -158,3 +188,4 @@ def test_calibrated_from_base(tmp_path, checkpoints):
     assert report["calibration"]["protocol"] == "from-base"
     assert report["stats"]["fusion_inputs"][0] == str(dirs["BASE"])
     assert len(report["stats"]["fusion_weights"][0]) == 3
+    assert report["calibration"]["endpoints_scored"] == "beforehand"

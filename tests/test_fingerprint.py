@@ -23,10 +23,14 @@ from recall_hf.fingerprint import (
     output_size,
     read_fingerprints,
     save_fingerprint,
+    score_and_represent,
+    score_tasks,
     topk_kl,
     write_fingerprints,
 )
+from recall_hf.calibrate import prompts_match
 from recall_hf.modeldir import READY, RECALL_JSON, weight_hashes
+from recall_hf.representations import pooled_hidden_states
 from recall_hf.task_checkpoint import make_task_checkpoint, write_task_checkpoint
 from recall_hf.tiny import build_tiny_model
 
@@ -101,6 +105,26 @@ def test_fingerprint_replays_to_zero_on_its_own_model_whatever_the_batching(tiny
     for batch_size in (1, 3, 16):
         score = fingerprint_divergence(model, fp, batch_size)
         assert score.divergence < 1e-6 and score.representation < 1e-6
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "bert"])
+def test_score_and_represent_scores_as_score_tasks_and_pools_every_layer_over_the_prompts(tiny, arch):
+    """One replay gives a task's score exactly as `score_tasks` and RECALL's representations of its prompts, as
+    the representation pass computes them (right padding, no greedy tokens) up to float noise."""
+    model, tok, fp = tiny[arch]
+    changed, _ = build_tiny_model(arch, texts=PROBES)
+    perturb(changed, "", scale=0.1)
+    fps = {"other": compute_fingerprint(model, tok, PROBES[::-1], "other", SMALL), fp.task: fp}
+    scores, reps = score_and_represent(changed, fps, fp.task, batch_size=3)
+    assert list(scores) == list(fps) and scores == score_tasks(changed, fps, 3)
+    budget = int(fp.prompt_lengths.max())
+    expected = pooled_hidden_states(changed, tok, PROBES, batch_size=4, max_length=budget)
+    assert reps.shape == expected.shape and torch.allclose(reps, expected, atol=1e-5)
+    assert prompts_match(fp, PROBES, tok, budget)
+    assert not prompts_match(fp, PROBES[::-1], tok, budget) and not prompts_match(fp, PROBES[:-1], tok, budget)
+    assert not prompts_match(fp, PROBES, tok, budget - 1)  # the merge asked for shorter representations
+    with pytest.raises(ValueError, match="No fingerprint of task 'missing'"):
+        score_and_represent(changed, fps, "missing")
 
 
 def test_lm_fingerprint_holds_prompt_plus_greedy_tokens(tiny):

@@ -65,6 +65,7 @@ class AdapterMerge:
     """PEFT LoRA adapter directories of one base, validated (options, files, shapes, base) when constructed."""
 
     kind = "adapter"
+    endpoints = None  # the adapters' calibrated fold scores both endpoints itself
 
     def __init__(self, dirs: list[Path], base: str | Path | None, config: RecallConfig):
         self.dirs, self.config = dirs, config
