@@ -21,6 +21,7 @@ from transformers import (
 )
 
 from recall_hf import RecallCallback, RecallConfig, RecallTrainer, RecallTrainingArguments, run_task_sequence
+from recall_hf.fingerprint import read_fingerprints
 from recall_hf.layers import LayerMap
 from recall_hf.modeldir import READY, REPORT_NAME, read_recall_json
 from recall_hf.samples import SAMPLES_NAME
@@ -112,6 +113,25 @@ def test_callback_merge_into_two_tasks(base_dir, tmp_path):
     assert newest == pytest.approx([row[-1] for row in report["weights"]])
     assert logged[0]["recall/task_count"] == 2
     assert len(list((tmp_path / "drop").iterdir())) == 2
+
+
+def test_callback_merge_into_with_calibrate_folds_the_chosen_fold_and_keeps_both_fingerprints(base_dir, tmp_path):
+    """`merge_into` with `calibrate=True`: the second task is folded by the calibrated search (chain form, endpoints
+    scored in the representation pass), the version is `D + a_l (N - D)` with the chosen coefficients, and it
+    carries both tasks' fingerprints for the next fold."""
+    merged, checkpoints = tmp_path / "merged", []
+    config = RecallConfig(k=4, calibrate=True)
+    for i, (name, texts) in enumerate(TASKS.items()):
+        callback = RecallCallback(merge_into=merged, config=config, task_name=name, progress=False)
+        plain_trainer(base_dir if i == 0 else merged, name, texts, tmp_path / f"out_{name}", [callback]).train()
+        checkpoints.append(callback.checkpoint_dir)
+    assert sorted(read_fingerprints(checkpoints[0])) == ["movies"]
+    report = assert_merged_by_report(merged, checkpoints)
+    cal = report["calibration"]
+    assert cal["protocol"] == "chain" and cal["new_task"] == "emails" and cal["endpoints_scored"] == "beforehand"
+    chosen = torch.tensor(cal["chosen"]["coefficients"], dtype=torch.float64)
+    assert torch.allclose(torch.tensor(report["weights"], dtype=torch.float64)[:, 1], chosen)
+    assert sorted(read_fingerprints(merged)) == ["emails", "movies"]
 
 
 def test_recall_trainer(base_dir, tmp_path):
