@@ -32,7 +32,10 @@ def pooled_hidden_states(
     progress: bool = False,
     desc: str = "Representations",
 ) -> torch.Tensor:
-    """Mean-pooled hidden states of every layer for `texts`.
+    """Mean-pooled hidden states of every layer for `texts`, in the order given.
+
+    Batches group texts of similar token length (each batch pads to its longest text, so mixed lengths would spend
+    most of a pass on padding); the pooling ignores padding, so only float rounding depends on the grouping.
 
     Returns:
         `[L+1, n_texts, hidden]` fp32 on the CPU (`[1, n, hidden]` with `last_only`).
@@ -42,11 +45,13 @@ def pooled_hidden_states(
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
+    lengths = [len(ids) for ids in tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]]
+    order = sorted(range(len(texts)), key=lambda i: lengths[i])
     out: list[torch.Tensor] = []
-    batches = range(0, len(texts), batch_size)
-    for start in tqdm(batches, desc=desc, unit="batch", disable=not progress):
+    batches = [order[i : i + batch_size] for i in range(0, len(texts), batch_size)]
+    for index in tqdm(batches, desc=desc, unit="batch", disable=not progress):
         enc = tokenizer(
-            texts[start : start + batch_size],
+            [texts[i] for i in index],
             padding=True,
             truncation=True,
             max_length=max_length,
@@ -56,7 +61,7 @@ def pooled_hidden_states(
         layers = hidden[-1:] if last_only else hidden
         out.append(torch.stack([masked_mean(h, enc["attention_mask"]).cpu() for h in layers]))
     model.train(was_training)
-    return torch.cat(out, dim=1)
+    return torch.cat(out, dim=1)[:, torch.tensor(order).argsort()]
 
 
 def model_representations(

@@ -59,3 +59,13 @@ def test_in_memory_entry_point_matches_the_plan(model_pair, tmp_path):
     torch.testing.assert_close(coefficients, plan.coefficients)
     with pytest.raises(ValueError, match="NaN"):
         merge_coefficients([reps[0], torch.full_like(reps[1], float("nan"))], CONFIG)
+
+
+@pytest.mark.parametrize("arch", ["llama", "bert"])
+def test_representations_keep_the_texts_order_whatever_the_batching(model_pair, arch):
+    """Batches group texts by length; every text's row is still its own (as when each text is its own batch)."""
+    _, b = model_pair[arch]
+    model, tok = load_backbone(b), load_tokenizer(b)
+    texts = sorted(PROBES, key=len, reverse=True)[:3] + ["short", "a much longer probe text than the short one"]
+    one_by_one = torch.cat([represent(model, tok, [t], CONFIG) for t in texts], dim=1)
+    torch.testing.assert_close(represent(model, tok, texts, CONFIG), one_by_one, atol=1e-5, rtol=1e-4)
