@@ -10,9 +10,9 @@ import torch
 from .calibrate import endpoint_pass
 from .compat import check_compatible, check_layers_mapped, check_same_architecture
 from .config import RecallConfig
+from .fingerprint import collect_fingerprints
 from .fusion import fuse_checkpoints
 from .hub import input_labels
-from .fingerprint import collect_fingerprints
 from .layers import LayerMap
 from .modeldir import copy_aux_files
 from .models import load_config, load_tokenizer

@@ -173,7 +173,8 @@ def test_calibrated_merge_scores_both_endpoints_in_the_representation_pass(tmp_p
                             profile=plan.coefficients[:, -1], config=CalibrationConfig(batch_size=config.batch_size))
     assert cal["endpoints_scored"] == "beforehand" and alone.report["endpoints_scored"] == "in the search"
     fused, searched = ({c["name"]: c for c in r["candidates"]} for r in (cal, alone.report))
-    assert fused["keep"]["scores"] == searched["keep"]["scores"] and fused["new"]["scores"] == searched["new"]["scores"]
+    for end in ("keep", "new"):
+        assert fused[end]["scores"] == searched[end]["scores"]
     assert cal["chosen"]["name"] == alone.report["chosen"]["name"]
     other = recall_merge([dirs["PREV"], dirs["NEW"]], PROBES[:2], tmp_path / "q", config, progress=False)
     assert other.calibration["endpoints_scored"] == "in the search"

@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import PROBES, perturb
 
+from recall_hf.calibrate import prompts_match
 from recall_hf.fingerprint import (
     FINGERPRINT_NAME,
     FingerprintConfig,
@@ -28,7 +29,6 @@ from recall_hf.fingerprint import (
     topk_kl,
     write_fingerprints,
 )
-from recall_hf.calibrate import prompts_match
 from recall_hf.modeldir import READY, RECALL_JSON, weight_hashes
 from recall_hf.representations import pooled_hidden_states
 from recall_hf.task_checkpoint import make_task_checkpoint, write_task_checkpoint
