@@ -597,6 +597,14 @@ def score_tasks(
     return score_tasks_bounded(model, fingerprints, {}, math.inf, batch_size)[0]
 
 
+def _replayed(model, fp: Fingerprint, batch_size: int, layers: bool = False):
+    """`fp` checked against `model`, then `(index, divergences, pooled)` of each batch (`_replay_batch`), in the
+    length-sorted batches every scorer uses, so a task replayed to the end scores the same in each."""
+    _check_fits(model, fp)
+    for index in _batches(fp.num_samples, batch_size, fp.lengths.tolist()):
+        yield index, *_replay_batch(model, fp, index, layers)
+
+
 @torch.no_grad()
 def score_and_represent(
     model: torch.nn.Module, fingerprints: Mapping[str, Fingerprint], task: str, batch_size: int = 8
@@ -610,10 +618,8 @@ def score_and_represent(
             if name != task:
                 scores[name] = score_tasks(model, {name: fp}, batch_size)[name]
                 continue
-            _check_fits(model, fp)
             divs, pools, seen = [], [], []
-            for index in _batches(fp.num_samples, batch_size, fp.lengths.tolist()):
-                div, pool = _replay_batch(model, fp, index, layers=True)
+            for index, div, pool in _replayed(model, fp, batch_size, layers=True):
                 divs.append(div)
                 pools.append(pool)
                 seen += index
@@ -655,10 +661,8 @@ def score_tasks_bounded(
             fp, w = fingerprints[task], float(weights.get(task, 0.0))
             if maximum:  # a max over tasks: each task's own lower bound, less its offset
                 partial = -float(offsets.get(task, 0.0))
-            _check_fits(model, fp)
             scale, divs, pools, seen = _pooled_scale(fp), [], [], []
-            for index in _batches(fp.num_samples, batch_size, fp.lengths.tolist()):
-                div, pool = _replay_batch(model, fp, index)
+            for index, div, pool in _replayed(model, fp, batch_size):
                 divs.append(div)
                 pools.append(pool)
                 seen += index
