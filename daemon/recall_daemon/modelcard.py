@@ -10,8 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from recall_hf.card import PAPER, CardInfo, input_base, write_card
-from recall_hf.card import render_card as render
+from recall_hf.card import PAPER, CardInfo, input_base, weights_summary, write_card
 from recall_hf.durable import write_json
 from recall_hf.modeldir import ADAPTER_CONFIG, REPORT_NAME, read_recall_json
 
@@ -23,8 +22,7 @@ RETENTION_PLOT = "recall_retention.png"  # published with the version: task and 
 
 def weight_summary(weights: list[list[float]]) -> dict:
     """The newest model's share per layer (0 = embeddings) in one merge, with min/mean/max."""
-    newest = [round(float(row[-1]), 4) for row in weights]
-    return {"per_layer": newest, "min": min(newest), "mean": round(sum(newest) / len(newest), 4), "max": max(newest)}
+    return {"per_layer": [round(float(row[-1]), 4) for row in weights], **weights_summary(weights)}
 
 
 def version_info(version: str, parent: str | None, created: str, task_count: int, tasks: list[dict],
@@ -72,10 +70,6 @@ def card_info(info: dict, stage: Path | None = None) -> CardInfo:
 
 def read_json(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def render_card(info: dict, stage: Path | None = None) -> str:
-    return str(render(card_info(info, stage)))
 
 
 def retention_section(history: list[dict]) -> str:
