@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from .texts import dataset_texts, text_tokenizer
+
 PREFLIGHT_ROWS = 8  # rows rendered as a dry run of the text extraction at train end
 
 
@@ -28,8 +30,6 @@ def probe_writable(directory: Path) -> str | None:
 
 def texts_problem(dataset, tokenizer, text_field: str | None) -> str | None:
     """Dry run of the train-end text extraction on a few rows; the problem as a sentence, or `None`."""
-    from .callback import dataset_texts, text_tokenizer
-
     if dataset is None:
         return "the trainer has no train dataset to take the task's texts from"
     try:
