@@ -1069,6 +1069,71 @@ def calibration_seconds(calibrated_k: tuple, n_tasks: int, eval_batch_s: float, 
     return batches * eval_batch_s
 
 
+def log_estimate(fam: FamilyBase, tasks: dict, args, chain: list, from_base: list, results: dict) -> None:
+    """The run's time estimate: logged, printed and kept in the results."""
+    calibrated_k = tuple(s.options["k"] for s in chain + from_base if s.family == "calibrated")
+    est = estimate_seconds(fam, tasks, args, len(chain), len(from_base), calibrated_k)
+    results["estimate"] = est
+    per_seed = est["per_seed"]
+    log.info(
+        "time estimate: %.1f min (%.1f min per seed: task models %.0fs, joint %.0fs, chain fine-tuning "
+        "%.0fs, evaluation %.0fs, merging %.0fs, calibrated search %.0fs)",
+        est["total"] / 60, per_seed["total"] / 60, per_seed["task_models"], per_seed["joint"],
+        per_seed["chain_finetune"], per_seed["evaluation"], per_seed["merging"], per_seed["calibration"],
+    )
+    print(f"Estimated time: {est['total'] / 60:.1f} min on {torch.get_num_threads()} threads", flush=True)
+
+
+def reference_run(seed: int, label: str, scores: dict, order: list[str]) -> dict:
+    """A row without a protocol (task models, zero-shot, joint training): final accuracies and their mean."""
+    log.info("%s: %s", label, scores)
+    return {"seed": seed, "method": label, "protocol": "-", "final": [scores[n] for n in order],
+            "metrics": {"ACC": sum(scores.values()) / len(order), "BWT": None, "plasticity": None}}
+
+
+def reference_runs(fam: FamilyBase, args, seed: int, tasks: dict, evaluator, task_models: dict, timings) -> list:
+    """The individual task models' row, then the zero-shot / linear-probe and joint-training rows when asked."""
+    order = list(tasks)
+    runs = [reference_run(seed, "task models (individual)",
+                          {n: evaluator.row(task_models[n], [n])[n] for n in order}, order)]
+    if args.zeroshot:
+        t = time.perf_counter()
+        if fam.has_heads:
+            with autocast(args):
+                runs.append(reference_run(seed, "base + linear probe",
+                                          {n: fam.linear_probe(tasks[n], seed) for n in order}, order))
+        else:
+            runs.append(reference_run(seed, "zero-shot base", evaluator.row(TaskModel(fam.base), order), order))
+        timings["zeroshot"] = time.perf_counter() - t
+    if args.joint:
+        t = time.perf_counter()
+        joint = finetune(fam, fam.base, [tasks[n] for n in order], seed, args, f"seed {seed} joint multi-task")
+        runs.append(reference_run(seed, "multi-task joint", evaluator.row(joint, order), order))
+        timings["joint"] = time.perf_counter() - t
+    return runs
+
+
+def chain_finetuner(fam: FamilyBase, args, seed: int, tasks: dict, timings):
+    """`(deployed, heads, name) -> TaskModel`: fine-tune task `name` from a deployed model, cached by its weights
+    (methods that deploy the same model share the fine-tune); the time spent goes to `timings["chain_finetune"]`."""
+    cache: collections.OrderedDict[tuple, TaskModel] = collections.OrderedDict()
+    timings["chain_finetune"] = 0.0
+
+    def chain_finetune(deployed: State, heads: dict, name: str) -> TaskModel:
+        key = (fingerprint(deployed), name)
+        if key in cache:
+            cache.move_to_end(key)
+            return cache[key]
+        t = time.perf_counter()
+        cache[key] = finetune(fam, deployed, [tasks[name]], seed, args, f"seed {seed} chain fine-tune {name}")
+        timings["chain_finetune"] += time.perf_counter() - t
+        while len(cache) > len(tasks) + 1:
+            cache.popitem(last=False)
+        return cache[key]
+
+    return chain_finetune
+
+
 def run_seed(fam: FamilyBase, args, seed: int, chain: list, from_base: list, results: dict) -> None:
     from benchmarks.assets import load_task
 
@@ -1079,22 +1144,7 @@ def run_seed(fam: FamilyBase, args, seed: int, chain: list, from_base: list, res
     for n, t in tasks.items():
         log.info("seed %d task %s: %d train, %d test, %d labels", seed, n, len(t.train), len(t.test), len(t.labels))
     if seed == args.seeds[0]:
-        calibrated_k = tuple(s.options["k"] for s in chain + from_base if s.family == "calibrated")
-        est = estimate_seconds(fam, tasks, args, len(chain), len(from_base), calibrated_k)
-        results["estimate"] = est
-        log.info(
-            "time estimate: %.1f min (%.1f min per seed: task models %.0fs, joint %.0fs, chain fine-tuning "
-            "%.0fs, evaluation %.0fs, merging %.0fs, calibrated search %.0fs)",
-            est["total"] / 60,
-            est["per_seed"]["total"] / 60,
-            est["per_seed"]["task_models"],
-            est["per_seed"]["joint"],
-            est["per_seed"]["chain_finetune"],
-            est["per_seed"]["evaluation"],
-            est["per_seed"]["merging"],
-            est["per_seed"]["calibration"],
-        )
-        print(f"Estimated time: {est['total'] / 60:.1f} min on {torch.get_num_threads()} threads", flush=True)
+        log_estimate(fam, tasks, args, chain, from_base, results)
         if args.dry_run:
             return
     evaluator = Evaluator(fam, tasks)
@@ -1103,95 +1153,18 @@ def run_seed(fam: FamilyBase, args, seed: int, chain: list, from_base: list, res
     runs = results["runs"]
 
     t = time.perf_counter()
-    task_models: dict[str, TaskModel] = {}
-    for n in order:
-        task_models[n] = finetune(fam, fam.base, [tasks[n]], seed, args, f"seed {seed} fine-tune {n} from base")
+    task_models = {n: finetune(fam, fam.base, [tasks[n]], seed, args, f"seed {seed} fine-tune {n} from base")
+                   for n in order}
     timings["task_models"] = time.perf_counter() - t
-    indiv = {n: evaluator.row(task_models[n], [n])[n] for n in order}
-    runs.append(
-        {
-            "seed": seed,
-            "method": "task models (individual)",
-            "protocol": "-",
-            "final": [indiv[n] for n in order],
-            "metrics": {"ACC": sum(indiv.values()) / len(order), "BWT": None, "plasticity": None},
-        }
-    )
-    log.info("individual task models: %s", indiv)
+    runs += reference_runs(fam, args, seed, tasks, evaluator, task_models, timings)
 
-    if args.zeroshot:
-        t = time.perf_counter()
-        if fam.has_heads:
-            with autocast(args):
-                zs = {n: fam.linear_probe(tasks[n], seed) for n in order}
-            label = "base + linear probe"
-        else:
-            zs = evaluator.row(TaskModel(fam.base), order)
-            label = "zero-shot base"
-        runs.append(
-            {
-                "seed": seed,
-                "method": label,
-                "protocol": "-",
-                "final": [zs[n] for n in order],
-                "metrics": {"ACC": sum(zs.values()) / len(order), "BWT": None, "plasticity": None},
-            }
-        )
-        timings["zeroshot"] = time.perf_counter() - t
-        log.info("%s: %s", label, zs)
-
-    if args.joint:
-        t = time.perf_counter()
-        joint = finetune(fam, fam.base, [tasks[n] for n in order], seed, args, f"seed {seed} joint multi-task")
-        jr = evaluator.row(joint, order)
-        runs.append(
-            {
-                "seed": seed,
-                "method": "multi-task joint",
-                "protocol": "-",
-                "final": [jr[n] for n in order],
-                "metrics": {"ACC": sum(jr.values()) / len(order), "BWT": None, "plasticity": None},
-            }
-        )
-        timings["joint"] = time.perf_counter() - t
-        log.info("multi-task joint: %s", jr)
-        del joint
-
-    ctx = {
-        "fam": fam,
-        "evaluator": evaluator,
-        "args": args,
-        "tasks": tasks,
-        "base": fam.base,
-        "seed": seed,
-        "recall": engine,
-        "calibrated": CalibratedEngine(fam, args, engine),
-    }
+    ctx = {"fam": fam, "evaluator": evaluator, "args": args, "tasks": tasks, "base": fam.base, "seed": seed,
+           "recall": engine, "calibrated": CalibratedEngine(fam, args, engine)}
     for spec in tqdm(from_base, desc=f"seed {seed} from-base methods", disable=not args.progress):
-        run = run_method(spec, "from-base", ctx, order, task_models)
-        runs.append({"seed": seed, **run})
-
-    ft_cache: collections.OrderedDict[tuple, TaskModel] = collections.OrderedDict()
-    ft_time = [0.0]
-
-    def chain_finetune(deployed: State, heads: dict, name: str) -> TaskModel:
-        key = (fingerprint(deployed), name)
-        if key in ft_cache:
-            ft_cache.move_to_end(key)
-            return ft_cache[key]
-        tt = time.perf_counter()
-        tm = finetune(fam, deployed, [tasks[name]], seed, args, f"seed {seed} chain fine-tune {name}")
-        ft_time[0] += time.perf_counter() - tt
-        ft_cache[key] = tm
-        while len(ft_cache) > len(order) + 1:
-            ft_cache.popitem(last=False)
-        return tm
-
-    ctx["chain_finetune"] = chain_finetune
+        runs.append({"seed": seed, **run_method(spec, "from-base", ctx, order, task_models)})
+    ctx["chain_finetune"] = chain_finetuner(fam, args, seed, tasks, timings)
     for spec in tqdm(chain, desc=f"seed {seed} chain methods", disable=not args.progress):
-        run = run_method(spec, "chain", ctx, order, task_models)
-        runs.append({"seed": seed, **run})
-    timings["chain_finetune"] = ft_time[0]
+        runs.append({"seed": seed, **run_method(spec, "chain", ctx, order, task_models)})
     timings["evaluation"] = evaluator.seconds
     timings.update({f"recall_{k}": v for k, v in engine.seconds.items()})
     timings.update({f"calibrated_{k}": v for k, v in ctx["calibrated"].seconds.items()})

@@ -31,7 +31,8 @@ def test_quick_benchmark_writes_table_and_results(tmp_path):
     table = (out / "results.md").read_text()
     assert "| method | protocol |" in table and "seqft" in table and "recall" in table
     methods = {row["method"] for row in results["summary"]}
-    assert {"seqft"} <= methods and any(m.startswith("recall") for m in methods), methods
+    assert {"seqft", "task models (individual)", "base + linear probe", "multi-task joint"} <= methods, methods
+    assert any(m.startswith("recall") for m in methods), methods
     assert list(out.glob("*.png")), "plots missing"
 
 
