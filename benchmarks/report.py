@@ -191,10 +191,17 @@ def accuracy_meaning(cfg: dict) -> str:
 
 def markdown(results: dict) -> str:
     cfg = results["config"]
-    mach = results["machine"]
     rows = best_in_hindsight(results.get("summary") or summary_rows(results))
+    lines = _header(results) + _summary_table(rows) + _stream_table(rows, cfg["tasks"])
+    lines += _matrices(results) + _fold_sections(results) + _timings(results)
+    return "\n".join(lines) + "\n"
+
+
+def _header(results: dict) -> list[str]:
+    """Title, settings, machine and what the columns mean."""
+    cfg, mach = results["config"], results["machine"]
     tuning = f" (LoRA r={cfg['lora_r']}, folded)" if cfg["lora"] else " (full fine-tuning)"
-    lines = [
+    return [
         f"# Continual benchmark: {cfg['run_name']}",
         "",
         f"Model **{cfg['model']}**{tuning}; "
@@ -210,54 +217,65 @@ def markdown(results: dict) -> str:
         'A "best in hindsight" row repeats the sweep value with the best mean ACC (picked after seeing the '
         "test accuracies: an upper bound for a fixed rule, not a method).",
         "",
-        "| method | protocol | model | ACC | BWT | plasticity |",
-        "|---|---|---|---|---|---|",
     ]
+
+
+def _summary_table(rows: list[dict]) -> list[str]:
+    lines = ["| method | protocol | model | ACC | BWT | plasticity |", "|---|---|---|---|---|---|"]
     for r in rows:
         n = len(r["seeds"])
         lines.append(
             f"| {r['method']} | {r['protocol']} | {r['model']} | {_fmt(r['ACC'], r['ACC_std'], n)} | "
             f"{_fmt(r['BWT'], r['BWT_std'], n)} | {_fmt(r['plasticity'], r['plasticity_std'], n)} |"
         )
-    lines += _stream_table(rows, cfg["tasks"])
-    lines += ["", "## Accuracy matrices (rows: after step t; columns: tasks in order; seed mean)", ""]
+    return lines
+
+
+def _matrices(results: dict) -> list[str]:
+    """Each method's accuracy matrix (seed mean), or its final accuracies when it has no steps."""
+    lines = ["", "## Accuracy matrices (rows: after step t; columns: tasks in order; seed mean)", ""]
     groups = _groups(results)
-    tasks = cfg["tasks"]
+    tasks = results["config"]["tasks"]
     for protocol, method in sorted(groups, key=_order_key(results)):
         runs = groups[(protocol, method)]
         if "acc" not in runs[0]:
             vals = [statistics.fmean(r["final"][j] for r in runs) for j in range(len(tasks))]
             lines.append(f"- {method}: final " + ", ".join(f"{t} {v:.3f}" for t, v in zip(tasks, vals)))
             continue
-        m = mean_matrix(runs)
-        lines.append("")
-        lines.append(f"**{method}** ({protocol})")
-        lines.append("")
-        lines.append("| step | " + " | ".join(tasks) + " |")
-        lines.append("|---|" + "---|" * len(tasks))
-        for i, row in enumerate(m):
+        lines += ["", f"**{method}** ({protocol})", "", "| step | " + " | ".join(tasks) + " |",
+                  "|---|" + "---|" * len(tasks)]
+        for i, row in enumerate(mean_matrix(runs)):
             cells = [f"{v:.3f}" if v is not None else "" for v in row]
             lines.append(f"| {i + 1} ({tasks[i]}) | " + " | ".join(cells) + " |")
         lines.append("")
-    lines += ["## RECALL: the new model's per-layer weight at each step (first seed)", ""]
+    return lines
+
+
+def _fold_sections(results: dict) -> list[str]:
+    """First seed: RECALL's per-layer weight of the new model at each step, and each calibrated fold's choices."""
+    first = results["config"]["seeds"][0]
+    lines = ["## RECALL: the new model's per-layer weight at each step (first seed)", ""]
     for run in results["runs"]:
-        if run.get("recall") and run.get("family") == "recall" and run["seed"] == cfg["seeds"][0]:
+        if run.get("recall") and run.get("family") == "recall" and run["seed"] == first:
             lines.append(f"- {run['method']} ({run['protocol']}):")
             for rec in run["recall"]:
                 w = [row[-1] for row in rec["weights"]]
                 lines.append(f"  - step {rec['step']}: " + " ".join(f"{x:.2f}" for x in w))
-    calibrated = [r for r in results["runs"] if r.get("family") == "calibrated" and r["seed"] == cfg["seeds"][0]]
+    calibrated = [r for r in results["runs"] if r.get("family") == "calibrated" and r["seed"] == first]
     if calibrated:
         lines += ["", "## Calibrated fold: the candidate chosen at steps 2.. (first seed)", ""]
         for run in calibrated:
             picks = ", ".join(f"{rec['chosen']} ({rec['objective']:.4f})" for rec in run["recall"])
             lines.append(f"- {run['method']} ({run['protocol']}): {picks}")
+    return lines
+
+
+def _timings(results: dict) -> list[str]:
     timings = results.get("timings", {})
-    if timings:
-        lines += ["", "## Timings (seconds, per seed)", ""]
-        for seed, tm in timings.items():
-            lines.append(f"- seed {seed}: " + ", ".join(f"{k} {v:.1f}" for k, v in tm.items()))
-    return "\n".join(lines) + "\n"
+    if not timings:
+        return []
+    return ["", "## Timings (seconds, per seed)", ""] + [
+        f"- seed {seed}: " + ", ".join(f"{k} {v:.1f}" for k, v in tm.items()) for seed, tm in timings.items()]
 
 
 def _stream_table(rows: list[dict], tasks: list[str]) -> list[str]:
