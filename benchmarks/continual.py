@@ -1320,13 +1320,7 @@ def main(argv: list[str] | None = None) -> dict:
     except ValueError as err:
         raise SystemExit(str(err)) from None
     out_dir = Path(args.out_root) / args.run_name
-    if not args.dry_run:  # a dry run only estimates the time: it leaves nothing behind
-        out_dir.mkdir(parents=True, exist_ok=True)
-        fh = logging.FileHandler(out_dir / "run.log", mode="w")
-        fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        logging.getLogger().addHandler(fh)
-    for noisy in ("httpx", "urllib3", "filelock"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    log_to_run_folder(out_dir, args.dry_run)
 
     t0 = time.perf_counter()
     config = {k: v for k, v in vars(args).items() if k not in ("out_root",)}
@@ -1338,22 +1332,9 @@ def main(argv: list[str] | None = None) -> dict:
         "timings": {},
         "eval_cache": {},
     }
-    log.info(
-        "model %s, tasks %s, %d train / %d test, %d epochs, lr %g, batch %d, max length %d, lora %s, seeds %s, "
-        "%s forward passes, %d threads",
-        args.model,
-        args.tasks,
-        args.train_n,
-        args.test_n,
-        args.epochs,
-        args.lr,
-        args.batch_size,
-        args.max_length,
-        args.lora,
-        args.seeds,
-        args.precision,
-        args.threads,
-    )
+    log.info("model %s, tasks %s, %d train / %d test, %d epochs, lr %g, batch %d, max length %d, lora %s, seeds %s, "
+             "%s forward passes, %d threads", args.model, args.tasks, args.train_n, args.test_n, args.epochs, args.lr,
+             args.batch_size, args.max_length, args.lora, args.seeds, args.precision, args.threads)
     log.info("chain methods (%d): %s", len(chain), ", ".join(s.label for s in chain))
     log.info("from-base methods (%d): %s", len(from_base), ", ".join(s.label for s in from_base))
     t = time.perf_counter()
@@ -1370,18 +1351,33 @@ def main(argv: list[str] | None = None) -> dict:
         if args.dry_run:
             return results
     results["total_seconds"] = time.perf_counter() - t0
+    write_results(results, out_dir, args.plots)
+    return results
 
+
+def log_to_run_folder(out_dir: Path, dry_run: bool) -> None:
+    """Log to `out_dir/run.log` too (not on a dry run, which only estimates the time and leaves nothing behind)."""
+    if not dry_run:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        fh = logging.FileHandler(out_dir / "run.log", mode="w")
+        fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logging.getLogger().addHandler(fh)
+    for noisy in ("httpx", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def write_results(results: dict, out_dir: Path, plots: bool) -> None:
+    """`results.json`, `results.md` (also printed) and, when asked, the plots."""
     from benchmarks import report
 
     results["summary"] = report.summary_rows(results)
     (out_dir / "results.json").write_text(json.dumps(results, indent=1, default=str))
     md = report.markdown(results)
     (out_dir / "results.md").write_text(md)
-    if args.plots:
+    if plots:
         report.plots(results, out_dir)
     print(md)
     print(f"Done in {results['total_seconds'] / 60:.1f} min; results in {out_dir}")
-    return results
 
 
 if __name__ == "__main__":
