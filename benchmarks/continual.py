@@ -1113,9 +1113,19 @@ def reference_runs(fam: FamilyBase, args, seed: int, tasks: dict, evaluator, tas
     return runs
 
 
+FINETUNE_CACHE_BYTES = 3 * 1024**3  # chain fine-tunes kept for later methods (SmolLM2: 5 of them; MiniLM: all)
+
+
+def model_bytes(tm: TaskModel) -> int:
+    return sum(t.numel() * t.element_size() for s in (tm.shared, *tm.heads.values()) if s for t in s.values())
+
+
 def chain_finetuner(fam: FamilyBase, args, seed: int, tasks: dict, timings):
     """`(deployed, heads, name) -> TaskModel`: fine-tune task `name` from a deployed model, cached by its weights
-    (methods that deploy the same model share the fine-tune); the time spent goes to `timings["chain_finetune"]`."""
+    (methods that deploy the same model share the fine-tune); the time spent goes to `timings["chain_finetune"]`.
+    The cache holds at most one fine-tune per task plus one and `FINETUNE_CACHE_BYTES` in all (least recently used
+    out first): on the SmolLM2 long stream a count bound alone kept 12 models, 6.5 GB, and two runs side by side
+    ran out of memory."""
     cache: collections.OrderedDict[tuple, TaskModel] = collections.OrderedDict()
     timings["chain_finetune"] = 0.0
 
@@ -1125,11 +1135,12 @@ def chain_finetuner(fam: FamilyBase, args, seed: int, tasks: dict, timings):
             cache.move_to_end(key)
             return cache[key]
         t = time.perf_counter()
-        cache[key] = finetune(fam, deployed, [tasks[name]], seed, args, f"seed {seed} chain fine-tune {name}")
+        tm = cache[key] = finetune(fam, deployed, [tasks[name]], seed, args, f"seed {seed} chain fine-tune {name}")
         timings["chain_finetune"] += time.perf_counter() - t
-        while len(cache) > len(tasks) + 1:
+        while len(cache) > 1 and (len(cache) > len(tasks) + 1
+                                  or sum(model_bytes(m) for m in cache.values()) > FINETUNE_CACHE_BYTES):
             cache.popitem(last=False)
-        return cache[key]
+        return tm
 
     return chain_finetune
 
